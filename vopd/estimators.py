@@ -1,0 +1,559 @@
+"""On-policy distillation gradient estimators: the math of vOPD (arXiv 2605.07865) and its rivals.
+
+Every estimator maps
+
+    loss, metrics = fn(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, **options)
+
+where position t of the logits already predicts ``tokens_BT[:, t]``. With p the student, q the
+teacher (both full-vocabulary softmax), y_t the sampled token, sg = detach:
+
+    r_t  = log q(y_t) − log p(y_t)                       (per-token reward; E_y[r_t] = −KL_t)
+    KL_t = Σ_v p(v) [log p(v) − log q(v)]                (paper notes §1.1)
+
+| name         | d loss / d student logits                                             |
+| sample_opd   | −Σ_t w_t sg[r_t] ∇log p(y_t)                                          (§1.3) |
+| vopd         | −Σ_t w_t sg[r_t + KL_t] ∇log p(y_t)                                   (§1.5) |
+| vopd_topk    | same, KL over the student's top-k ids, both renormalised there        (§1.6) |
+| full_opd     | +Σ_t w_t ∇KL_t                                                       (§1.7a) |
+| topk_opd     | +Σ_t w_t ∇KL(p̃‖q̃) on the student's top-k ids (ids detached)         (§1.7b) |
+| opt_baseline | −Σ_t w_t sg[r_t − b*_t] ∇log p(y_t), b*_t the variance-optimal baseline      |
+
+w_t are the normalisation weights: ``token_mean`` (default) w_t = m_t / Σm, the official TRL
+"dapo" global token mean; ``seq_mean`` w_t = m_t / (n_b · B'), the mean of per-sequence token
+means over the B' sequences that have any token (the official Full-OPD micro-batch mean).
+
+The loss *value* of every estimator is an estimate of the weighted reverse KL (Σ w·(−r) for the
+policy-gradient ones, Σ w·KL for the exact ones), so values are comparable across estimators;
+the gradient is built with ``value + (surrogate − sg[surrogate])``.
+
+Memory: no [B,T,V] tensor beyond the inputs and the student's gradient is ever alive. Every
+full-vocabulary quantity is computed in row chunks with no grad; the two differentiable blocks
+(selective log-softmax and full reverse KL) are autograd functions whose backward writes the
+analytic gradient chunk by chunk. Work is done in float32 (float64 for float64
+inputs) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NORMALIZE = ("token_mean", "seq_mean")
+DEFAULT_TOP_K = 100  # official configs/training/vopd-topk.yaml: kl_top_k: 100
+_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per temporary
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types and float32, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(V: int, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        return max(1, _CHUNK_ELEMENTS // V)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: expected a positive row count or None")
+    return chunk_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Row statistics: one no-grad pass over the vocabulary, chunked.
+
+
+@torch.no_grad()
+def row_stats(
+    student_NV: Tensor,
+    teacher_NV: Tensor,
+    tokens_N: Tensor,
+    *,
+    kl: bool = False,
+    opt_baseline: bool = False,
+    entropy: bool = False,
+    chunk_rows: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-row statistics (in ``acc_dtype``) of flattened logits [N, V]: ``lse_p``, ``logp_y``,
+    ``logq_y``, and on request ``kl`` (KL_t), ``entropy`` (H(p)) and ``b_opt`` (b*_t below).
+
+    b*_t = Σ_v p(v) w_v r(v) / Σ_v p(v) w_v with w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)², the
+    constant that minimises E_y‖(r(y) − b) ∇_z log p(y)‖² in logit space (beyond the paper). When
+    p is one-hot Σ p w = 0 and every ∇_z log p(y) vanishes; −KL_t is used there.
+    """
+    N, V = student_NV.shape
+    rows = _chunk_rows(V, chunk_rows)
+    acc = acc_dtype(student_NV.dtype)
+    out = {k: student_NV.new_empty(N, dtype=acc) for k in ("lse_p", "logp_y", "logq_y")}
+    extra = [k for k, on in (("kl", kl or opt_baseline), ("entropy", entropy)) if on]
+    extra += ["b_opt"] if opt_baseline else []
+    out.update({k: student_NV.new_empty(N, dtype=acc) for k in extra})
+    for a in range(0, N, rows):
+        s, t, y = (
+            student_NV[a : a + rows].to(acc),
+            teacher_NV[a : a + rows].to(acc),
+            tokens_N[a : a + rows],
+        )
+        lse_p = torch.logsumexp(s, -1)
+        out["lse_p"][a : a + rows] = lse_p
+        out["logp_y"][a : a + rows] = s.gather(-1, y[:, None])[:, 0] - lse_p
+        if not extra:
+            out["logq_y"][a : a + rows] = t.gather(-1, y[:, None])[:, 0] - torch.logsumexp(t, -1)
+            continue
+        logp, logq = s - lse_p[:, None], torch.log_softmax(t, -1)
+        out["logq_y"][a : a + rows] = logq.gather(-1, y[:, None])[:, 0]
+        p = logp.exp()
+        if "entropy" in out:
+            out["entropy"][a : a + rows] = -(p * logp).sum(-1)
+        diff = logp.sub_(logq)  # log p − log q, in place: logp is not needed again
+        kl_rows = (p * diff).sum(-1)
+        out["kl"][a : a + rows] = kl_rows
+        if opt_baseline:
+            w = (p * p).sum(-1, keepdim=True) + 1.0 - 2.0 * p  # ‖e_v − p‖²
+            den = (p * w).sum(-1)
+            num = -(p * w * diff).sum(-1)  # r(v) = −diff
+            out["b_opt"][a : a + rows] = torch.where(
+                den > 1e-12, num / den.clamp_min(1e-12), -kl_rows
+            )
+    return out
+
+
+@torch.no_grad()
+def topk_ids(student_NV: Tensor, k: int, *, chunk_rows: int | None = None) -> Tensor:
+    """The student's top-k vocabulary ids per row, [N, K] (no grad: the support is detached)."""
+    N, V = student_NV.shape
+    rows = _chunk_rows(V, chunk_rows)
+    ids = torch.empty(N, k, dtype=torch.long, device=student_NV.device)
+    for a in range(0, N, rows):
+        ids[a : a + rows] = student_NV[a : a + rows].topk(k, dim=-1, sorted=False).indices
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable building blocks.
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log p(y_n) = z_n[y_n] − lse(z_n); backward writes g_n (e_{y_n} − softmax(z_n)) by chunks."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, tokens_N, lse_N, chunk_rows):
+        ctx.save_for_backward(logits_NV, tokens_N, lse_N)
+        ctx.chunk_rows = chunk_rows
+        return logits_NV.gather(-1, tokens_N[:, None])[:, 0].to(lse_N.dtype) - lse_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_NV, tokens_N, lse_N = ctx.saved_tensors
+        rows = _chunk_rows(logits_NV.shape[1], ctx.chunk_rows)
+        grad_NV = torch.empty_like(logits_NV)
+        for a in range(0, logits_NV.shape[0], rows):
+            g = grad_N[a : a + rows, None].to(lse_N.dtype)
+            chunk = torch.exp(
+                logits_NV[a : a + rows].to(lse_N.dtype) - lse_N[a : a + rows, None]
+            ).mul_(-g)
+            chunk.scatter_add_(-1, tokens_N[a : a + rows, None], g)
+            grad_NV[a : a + rows] = chunk
+        return grad_NV, None, None, None
+
+
+class _ReverseKL(torch.autograd.Function):
+    """KL_n = Σ_v p (log p − log q); backward writes g_n p (log p − log q − KL_n) by chunks."""
+
+    @staticmethod
+    def forward(ctx, student_NV, teacher_NV, chunk_rows):
+        kl_N = row_stats(
+            student_NV,
+            teacher_NV,
+            torch.zeros_like(student_NV[:, 0], dtype=torch.long),
+            kl=True,
+            chunk_rows=chunk_rows,
+        )["kl"]
+        ctx.save_for_backward(student_NV, teacher_NV, kl_N)
+        ctx.chunk_rows = chunk_rows
+        return kl_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        student_NV, teacher_NV, kl_N = ctx.saved_tensors
+        rows = _chunk_rows(student_NV.shape[1], ctx.chunk_rows)
+        grad_NV = torch.empty_like(student_NV)
+        for a in range(0, student_NV.shape[0], rows):
+            logp = torch.log_softmax(student_NV[a : a + rows].to(kl_N.dtype), -1)
+            diff = logp - torch.log_softmax(teacher_NV[a : a + rows].to(kl_N.dtype), -1)
+            diff.sub_(kl_N[a : a + rows, None]).mul_(logp.exp_()).mul_(grad_N[a : a + rows, None])
+            grad_NV[a : a + rows] = diff
+        return grad_NV, None, None
+
+
+def token_logprobs(
+    logits_BTV: Tensor, tokens_BT: Tensor, *, chunk_rows: int | None = None
+) -> Tensor:
+    """Selective log-softmax log p(y_t), [B, T] in acc_dtype, differentiable, no [B,T,V] saved."""
+    B, T, V = logits_BTV.shape
+    logits_NV, tokens_N = logits_BTV.reshape(B * T, V), tokens_BT.reshape(B * T)
+    with torch.no_grad():
+        lse_N = _lse(logits_NV, _chunk_rows(V, chunk_rows))
+    return _SelectiveLogSoftmax.apply(logits_NV, tokens_N, lse_N, chunk_rows).view(B, T)
+
+
+@torch.no_grad()
+def _lse(logits_NV: Tensor, rows: int) -> Tensor:
+    return torch.cat(
+        [
+            torch.logsumexp(logits_NV[a : a + rows].to(acc_dtype(logits_NV.dtype)), -1)
+            for a in range(0, logits_NV.shape[0], rows)
+        ]
+    )
+
+
+def reverse_kl_full(
+    student_BTV: Tensor, teacher_BTV: Tensor, *, chunk_rows: int | None = None
+) -> Tensor:
+    """KL_t = Σ_v p(v)(log p(v) − log q(v)) over the whole vocabulary, [B, T] in acc_dtype,
+    differentiable in the student only (the teacher is a constant)."""
+    B, T, V = student_BTV.shape
+    kl_N = _ReverseKL.apply(
+        student_BTV.reshape(B * T, V), teacher_BTV.detach().reshape(B * T, V), chunk_rows
+    )
+    return kl_N.view(B, T)
+
+
+def reverse_kl_topk(
+    student_BTV: Tensor,
+    teacher_BTV: Tensor,
+    k: int,
+    *,
+    ids_BTK: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """KL(p̃‖q̃) on S = the student's top-k ids (detached), p̃ = p/Σ_S p, q̃ = q/Σ_S q, acc_dtype
+    [B, T], differentiable in the student. The tail mass is dropped, as in the official
+    ``_topk_log_softmax`` path (opd_trainer.py:45-48, 164-171); renormalising full-vocabulary
+    log-probs on S equals a log-softmax of the raw logits on S, so no full lse is taken."""
+    B, T, V = student_BTV.shape
+    if ids_BTK is None:
+        ids_BTK = topk_ids(student_BTV.reshape(B * T, V), k, chunk_rows=chunk_rows).view(B, T, k)
+    acc = acc_dtype(student_BTV.dtype)
+    logp_BTK = torch.log_softmax(student_BTV.gather(-1, ids_BTK).to(acc), -1)
+    logq_BTK = torch.log_softmax(teacher_BTV.detach().gather(-1, ids_BTK).to(acc), -1)
+    return (logp_BTK.exp() * (logp_BTK - logq_BTK)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and normalisation.
+
+
+def _check(
+    student: Tensor, teacher: Tensor, tokens: Tensor, mask: Tensor, normalize: str
+) -> Tensor:
+    """Validate shapes and options; return the mask in acc_dtype on the logits' device."""
+    if student.dim() != 3:
+        raise ValueError(f"student_logits_BTV has shape {tuple(student.shape)}: expected [B, T, V]")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"student vocabulary size {student.shape[-1]} != teacher vocabulary size "
+            f"{teacher.shape[-1]}: slice both logits to the shared vocabulary first"
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits_BTV has shape {tuple(teacher.shape)}: expected "
+            f"{tuple(student.shape)} like the student's"
+        )
+    if tuple(tokens.shape) != tuple(student.shape[:2]):
+        raise ValueError(
+            f"tokens_BT has shape {tuple(tokens.shape)}: expected {tuple(student.shape[:2])}"
+        )
+    if tuple(mask.shape) != tuple(student.shape[:2]):
+        raise ValueError(
+            f"mask_BT has shape {tuple(mask.shape)}: expected {tuple(student.shape[:2])}"
+        )
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZE}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens_BT has dtype {tokens.dtype}: expected an integer dtype")
+    m = mask.to(device=student.device, dtype=acc_dtype(student.dtype))
+    if not torch.isfinite(m).all() or (m < 0).any():
+        raise ValueError("mask_BT has negative or non-finite entries: expected weights >= 0")
+    live = tokens[m > 0]
+    V = student.shape[-1]
+    if live.numel() and (live.min() < 0 or live.max() >= V):
+        raise ValueError(
+            f"tokens_BT has ids in [{int(live.min())}, {int(live.max())}] on masked-in "
+            f"positions: expected ids in [0, {V})"
+        )
+    return m
+
+
+def _weights(m_BT: Tensor, normalize: str) -> Tensor:
+    """w_t with Σ_t w_t x_t the chosen mean; an all-zero mask gives all-zero weights (loss 0)."""
+    if normalize == "token_mean":
+        return m_BT / m_BT.sum().clamp_min(1e-12)
+    n_B = m_BT.sum(-1, keepdim=True)
+    live = (n_B > 0).sum().clamp_min(1)
+    return m_BT / (n_B.clamp_min(1e-12) * live)
+
+
+ALL_OPTIONS = ("top_k", "reward_clip_lambda", "detach_reward", "normalize", "chunk_rows")
+
+
+def _check_other(other: dict) -> None:
+    """Options another estimator reads are accepted and ignored; unknown names are an error."""
+    for key, value in other.items():
+        if key not in ALL_OPTIONS:
+            raise ValueError(f"unknown estimator option {key!r}: expected one of {ALL_OPTIONS}")
+        if key == "reward_clip_lambda" and value is not None and not 0.0 < float(value) < 1.0:
+            raise ValueError(f"reward_clip_lambda={value!r}: expected a value in (0, 1)")
+
+
+def _check_top_k(top_k: int, V: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V:
+        raise ValueError(f"top_k={top_k!r}: expected an integer in [1, V={V}]")
+    return top_k
+
+
+def _flat(x_BTV: Tensor) -> Tensor:
+    return x_BTV.reshape(-1, x_BTV.shape[-1])
+
+
+def _wmean_std(x_BT: Tensor, m_BT: Tensor) -> tuple[float, float]:
+    n = m_BT.sum().clamp_min(1e-12)
+    mean = (x_BT * m_BT).sum() / n
+    return float(mean), float((((x_BT - mean) ** 2) * m_BT).sum().div(n).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy-gradient estimators: one sampled token per position, a detached advantage.
+
+
+def _pg(
+    student, teacher, tokens, mask, normalize, chunk_rows, baseline, clip_floor=None, detach=True
+):
+    """Shared body: advantage A_t = r_t − b_t, loss gradient −Σ w_t A_t ∇log p(y_t).
+
+    ``baseline`` is None, "kl", "topk:{k}" or "opt". The top-k baseline is −KL(p̃‖q̃) (§1.6)."""
+    m_BT = _check(student, teacher, tokens, mask, normalize)
+    B, T, V = student.shape
+    k = (
+        _check_top_k(int(baseline.split(":")[1]), V)
+        if baseline and baseline.startswith("topk")
+        else 0
+    )
+    w_BT = _weights(m_BT, normalize)
+    y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
+    st = row_stats(
+        _flat(student),
+        _flat(teacher),
+        y_N,
+        kl=baseline == "kl",
+        opt_baseline=baseline == "opt",
+        chunk_rows=chunk_rows,
+    )
+    r_BT = (st["logq_y"] - st["logp_y"]).view(B, T)
+    metrics = {"reward_mean": _wmean_std(r_BT, m_BT)[0]}
+    if baseline == "kl":
+        b_BT = -st["kl"].view(B, T)  # V(s_t) = −KL_t, the closed-form value (§1.4)
+        metrics["kl_mean"] = _wmean_std(-b_BT, m_BT)[0]
+    elif baseline == "opt":
+        b_BT = st["b_opt"].view(B, T)
+        metrics["kl_mean"] = _wmean_std(st["kl"].view(B, T), m_BT)[0]
+    elif k:
+        with torch.no_grad():
+            ids_BTK = topk_ids(_flat(student), k, chunk_rows=chunk_rows).view(B, T, k)
+            b_BT = -reverse_kl_topk(student, teacher, k, ids_BTK=ids_BTK)
+            lse_q = _lse(_flat(teacher), _chunk_rows(V, chunk_rows)).view(B, T)
+            mass_p = torch.logsumexp(student.gather(-1, ids_BTK).to(lse_q.dtype), -1) - st[
+                "lse_p"
+            ].view(B, T)
+            mass_q = torch.logsumexp(teacher.gather(-1, ids_BTK).to(lse_q.dtype), -1) - lse_q
+        metrics |= {
+            "kl_topk_mean": _wmean_std(-b_BT, m_BT)[0],
+            "student_mass": _wmean_std(mass_p.exp(), m_BT)[0],
+            "teacher_mass": _wmean_std(mass_q.exp(), m_BT)[0],
+        }
+    else:
+        b_BT = torch.zeros_like(r_BT)
+    adv_BT = r_BT - b_BT
+    if clip_floor is not None:
+        adv_BT = adv_BT.clamp_min(clip_floor)  # r̂ = max(sg[r], ln λ/(1−λ)) (opd_trainer.py:62-65)
+    elif not detach:
+        adv_BT = (
+            adv_BT - 1.0
+        )  # ∇(−exp(lp − sg[lp])·r) = −(r − 1)∇lp: the released path (ref-sem §2)
+    metrics["adv_mean"], metrics["adv_std"] = _wmean_std(adv_BT, m_BT)
+    metrics["baseline_mean"] = _wmean_std(b_BT, m_BT)[0]
+    logp_BT = _SelectiveLogSoftmax.apply(_flat(student), y_N, st["lse_p"], chunk_rows).view(B, T)
+    surrogate = -(w_BT * adv_BT.detach() * logp_BT).sum()  # sg[A]: the advantage is a constant
+    value = (w_BT * -r_BT).sum()  # single-sample estimate of the weighted reverse KL
+    return value + surrogate - surrogate.detach(), metrics
+
+
+def sample_opd(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    normalize="token_mean",
+    reward_clip_lambda=None,
+    detach_reward=True,
+    chunk_rows=None,
+    **other,
+):
+    """Sample OPD (official ``tml``, §1.3): −Σ w_t sg[r_t] ∇log p(y_t).
+
+    ``reward_clip_lambda=λ`` ∈ (0, 1) floors the reward at ln λ/(1 − λ) (commit c77a078; the
+    clipped advantage is detached). ``detach_reward=False`` reproduces the released undetached
+    advantage, whose gradient is −Σ w_t (r_t − 1) ∇log p(y_t): an implicit constant baseline of +1.
+    Options that only other estimators read (``top_k``) are accepted and ignored."""
+    _check_other(other)
+    floor = None
+    if reward_clip_lambda is not None:
+        lam = float(reward_clip_lambda)
+        if not 0.0 < lam < 1.0:
+            raise ValueError(
+                f"reward_clip_lambda={reward_clip_lambda!r}: expected a value in (0, 1)"
+            )
+        floor = math.log(lam) / (1.0 - lam)
+    return _pg(
+        student_logits_BTV,
+        teacher_logits_BTV,
+        tokens_BT,
+        mask_BT,
+        normalize,
+        chunk_rows,
+        None,
+        clip_floor=floor,
+        detach=bool(detach_reward),
+    )
+
+
+def vopd(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    normalize="token_mean",
+    chunk_rows=None,
+    **other,
+):
+    """vOPD (§1.5, ``vopd.yaml``): −Σ w_t sg[r_t + KL_t] ∇log p(y_t). The baseline −KL_t comes from
+    the same logits in one no-grad pass. Reward options act on ``sample_opd`` only (as in the
+    official code)."""
+    _check_other(other)
+    return _pg(
+        student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize, chunk_rows, "kl"
+    )
+
+
+def vopd_topk(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    top_k=DEFAULT_TOP_K,
+    normalize="token_mean",
+    chunk_rows=None,
+    **other,
+):
+    """vOPD with the top-k baseline (§1.6, ``vopd-topk.yaml``): −Σ w_t sg[r_t + KL(p̃‖q̃)_t]
+    ∇log p(y_t), S_t the student's top-k; r_t keeps full-vocabulary normalisation. Unbiased for
+    every k; equals ``vopd`` at k = V."""
+    _check_other(other)
+    return _pg(
+        student_logits_BTV,
+        teacher_logits_BTV,
+        tokens_BT,
+        mask_BT,
+        normalize,
+        chunk_rows,
+        f"topk:{top_k}",
+    )
+
+
+def opt_baseline(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    normalize="token_mean",
+    chunk_rows=None,
+    **other,
+):
+    """Beyond the paper: −Σ w_t sg[r_t − b*_t] ∇log p(y_t) with the per-position baseline b*_t that
+    minimises the logit-space gradient variance (see ``row_stats``). Unbiased; at least as low a
+    per-position logit-space variance as ``vopd``."""
+    _check_other(other)
+    return _pg(
+        student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize, chunk_rows, "opt"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact (Rao–Blackwellised) estimators: differentiate the KL itself.
+
+
+def full_opd(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    normalize="token_mean",
+    chunk_rows=None,
+    **other,
+):
+    """Full-vocabulary reverse-KL OPD (official ``gkd_rkl``, §1.7a): loss Σ_t w_t KL_t, gradient
+    by the chunked analytic backward. The official run scales this by GA = 64 relative to the PG
+    methods (reference-semantics §1); here every estimator shares one normalisation."""
+    _check_other(other)
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize)
+    kl_BT = reverse_kl_full(student_logits_BTV, teacher_logits_BTV, chunk_rows=chunk_rows)
+    return (_weights(m_BT, normalize) * kl_BT).sum(), {
+        "kl_mean": _wmean_std(kl_BT.detach(), m_BT)[0]
+    }
+
+
+def topk_opd(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    tokens_BT,
+    mask_BT,
+    *,
+    top_k=DEFAULT_TOP_K,
+    normalize="token_mean",
+    chunk_rows=None,
+    **other,
+):
+    """Top-k OPD (§1.7b, ``_topk_opd_single_step_loss``): loss Σ_t w_t KL(p̃‖q̃)_t on the student's
+    top-k ids (detached), both renormalised, tail dropped. Biased for k < V; equals ``full_opd`` at
+    k = V. The official code has no config for it, so ``top_k`` defaults to the vOPD-top-k 100."""
+    _check_other(other)
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize)
+    k = _check_top_k(top_k, student_logits_BTV.shape[-1])
+    kl_BT = reverse_kl_topk(student_logits_BTV, teacher_logits_BTV, k, chunk_rows=chunk_rows)
+    loss = (_weights(m_BT, normalize) * kl_BT).sum()
+    return loss, {"kl_topk_mean": _wmean_std(kl_BT.detach(), m_BT)[0]}
+
+
+ESTIMATORS = {
+    "sample_opd": sample_opd,
+    "vopd": vopd,
+    "vopd_topk": vopd_topk,
+    "full_opd": full_opd,
+    "topk_opd": topk_opd,
+    "opt_baseline": opt_baseline,
+}
+# Which options each estimator reads (others are accepted and ignored); trainers use this to
+# reject a config that sets an option that would have no effect.
+ESTIMATOR_OPTIONS = {
+    "sample_opd": {"normalize", "reward_clip_lambda", "detach_reward"},
+    "vopd": {"normalize"},
+    "vopd_topk": {"normalize", "top_k"},
+    "full_opd": {"normalize"},
+    "topk_opd": {"normalize", "top_k"},
+    "opt_baseline": {"normalize"},
+}
+UNBIASED = ("sample_opd", "vopd", "vopd_topk", "full_opd", "opt_baseline")
