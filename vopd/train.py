@@ -36,7 +36,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +45,13 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vopd import checkpoint as ckpt
+from vopd.batch import RolloutBatch, completion_logits, make_batch
 from vopd.config import TrainConfig, dump_config, load_config
 from vopd.estimators import ESTIMATORS, row_stats
 from vopd.gradstats import adam_moment_proxy
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
 from vopd.models import check_vocab, load_model, load_tokenizer, resolve_model_path
-from vopd.rollout import Rollouts, SamplingParams, get_backend
+from vopd.rollout import SamplingParams, get_backend
 
 TOPK_ESTIMATORS = ("vopd_topk", "topk_opd")
 
@@ -174,57 +174,8 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-@dataclass
-class RolloutBatch:
-    """Teacher-forcing inputs for a batch of rollouts: prompts left-padded, completions
-    right-padded, so every completion starts at column P. ``input_ids_BL`` is prompt +
-    completion minus its last column (L = P + T − 1); the last T positions' logits predict
-    ``tokens_BT``."""
-
-    input_ids_BL: torch.Tensor
-    attention_mask_BL: torch.Tensor
-    position_ids_BL: torch.Tensor
-    tokens_BT: torch.Tensor
-    mask_BT: torch.Tensor
-
-    def rows(self, sl: slice) -> RolloutBatch:
-        return RolloutBatch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
-
-
-def make_batch(rollouts: Rollouts, pad_id: int, device) -> RolloutBatch:
-    B = len(rollouts)
-    P = max(len(p) for p in rollouts.prompt_ids)
-    T = max(len(c) for c in rollouts.completion_ids)
-    ids_BS = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attn_BS = torch.zeros((B, P + T), dtype=torch.long)
-    for b, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)):
-        ids_BS[b, P - len(p) : P + len(c)] = torch.tensor(p + c)
-        attn_BS[b, P - len(p) : P + len(c)] = 1
-    pos_BS = (attn_BS.cumsum(-1) - 1).clamp_min(0)  # what generate uses under left padding
-    return RolloutBatch(
-        ids_BS[:, :-1].to(device),
-        attn_BS[:, :-1].to(device),
-        pos_BS[:, :-1].to(device),
-        ids_BS[:, P:].to(device),
-        attn_BS[:, P:].to(device),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The loss: one forward per model, logits on completion positions only.
-
-
-def completion_logits(model, batch: RolloutBatch, V: int) -> torch.Tensor:
-    """[B, T, V] logits where position t predicts ``batch.tokens_BT[:, t]``; ``logits_to_keep``
-    projects only the last T hidden states (prompt positions never reach the LM head)."""
-    out = model(
-        input_ids=batch.input_ids_BL,
-        attention_mask=batch.attention_mask_BL,
-        position_ids=batch.position_ids_BL,
-        logits_to_keep=batch.tokens_BT.shape[1],
-        use_cache=False,
-    )
-    return out.logits[..., :V]  # padded logit rows beyond the shared vocabulary are dropped
 
 
 def compute_loss(student, teacher_logits_BTV, batch: RolloutBatch, estimator: str, options, V):
@@ -330,6 +281,93 @@ def _init_run_dir(cfg: TrainConfig, out: Path) -> None:
         write_text(out / "config.yaml", dump_config(cfg))
 
 
+def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, step: int):
+    """The step's prompts (seeded data order) and the current student's samples (seeded)."""
+    idx = prompt_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step)
+    backend.sync_weights(student)
+    sampling = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.sampling_top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        n=cfg.samples_per_prompt,
+        seed=step_seed(cfg.seed, step),
+    )
+    return backend.generate([prompts[i] for i in idx], sampling)
+
+
+def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V):
+    """One optimizer step; returns its metrics.jsonl row."""
+    device = student.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    t0 = time.perf_counter()
+    rollouts = generate_rollouts(backend, student, prompts, cfg, step)
+    batch = make_batch(rollouts, tokenizer.pad_token_id, device)
+    sync()
+    t_rollout = time.perf_counter() - t0
+    optimizer.zero_grad(set_to_none=True)
+    where = f"step {step}, estimator {cfg.estimator!r}"
+    try:
+        m = train_step(cfg, student, teacher, batch, V, sync)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{where}: {e}") from None
+    t1 = time.perf_counter()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"{where}: non-finite gradient norm {float(grad_norm)}")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    sync()
+    m["time_update_s"] += time.perf_counter() - t1
+    step_s = time.perf_counter() - t0
+    n_tokens = int(batch.mask_BT.sum())
+    return {
+        "step": step,
+        **m,
+        "adv_mean": m.get("adv_mean"),  # None for the exact (non-PG) estimators
+        "adv_std": m.get("adv_std"),
+        "grad_norm": float(grad_norm),
+        "lr": lr,
+        "response_len": n_tokens / len(rollouts),
+        "truncated_frac": float(np.mean(rollouts.truncated)),
+        **adam_moment_proxy(optimizer),
+        "num_tokens": n_tokens,
+        "time_rollout_s": t_rollout,
+        "step_s": step_s,
+        "tokens_per_s": n_tokens / step_s,
+    }
+
+
+def _state(optimizer, scheduler, step: int, cfg: TrainConfig) -> dict:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data_position": step * cfg.prompts_per_step,  # prompts consumed so far
+    }
+
+
+def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler) -> int:
+    """Fresh run: seed, save step0. Resume: restore optimizer, scheduler and RNG states and cut
+    metrics.jsonl back to the checkpoint. Returns the number of steps already done."""
+    metrics = out / "metrics.jsonl"
+    if resume is None:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        metrics.unlink(missing_ok=True)
+        ckpt.save_checkpoint(out, 0, student, tokenizer, state=_state(optimizer, scheduler, 0, cfg))
+        return 0
+    state = ckpt.load_state(resume)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
+    write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
+    append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
+    return state["step"]
+
+
 def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_after=None) -> dict:
     """Run (or resume) OPD into ``out``; return done.json. ``stop_after=k`` returns after step k
     without finishing, like a killed job (used by the resume test)."""
@@ -349,31 +387,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
     backend = get_backend(
         cfg.rollout_backend, model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
     )
-    metrics_path = out / "metrics.jsonl"
-    if resume is None:
-        start = 0
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        metrics_path.unlink(missing_ok=True)
-        ckpt.save_checkpoint(out, 0, student, tokenizer, state=_state(optimizer, scheduler, 0, cfg))
-    else:
-        state = ckpt.load_state(resume)
-        start = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        rows = [r for r in read_jsonl(metrics_path) if r["step"] <= start]
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
-        append_jsonl(out / "resumes.jsonl", {"from_step": start, "time": time.time()})
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sampling = {
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "top_k": cfg.sampling_top_k,
-        "max_new_tokens": cfg.max_new_tokens,
-        "n": cfg.samples_per_prompt,
-    }
+    start = _start(out, resume, cfg, student, tokenizer, optimizer, scheduler)
     t_run = time.perf_counter()
     bar = tqdm(
         range(start + 1, total + 1),
@@ -385,57 +399,18 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         file=sys.stderr,
     )
     for step in bar:
-        t0 = time.perf_counter()
-        idx = prompt_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step)
-        backend.sync_weights(student)
-        rollouts = backend.generate(
-            [prompts[i] for i in idx], SamplingParams(**sampling, seed=step_seed(cfg.seed, step))
+        row = opd_step(
+            cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V
         )
-        batch = make_batch(rollouts, tokenizer.pad_token_id, device)
-        sync()
-        t_rollout = time.perf_counter() - t0
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            m = train_step(cfg, student, teacher, batch, V, sync)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"step {step}, estimator {cfg.estimator!r}: {e}") from None
-        t1 = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"step {step}, estimator {cfg.estimator!r}: non-finite gradient norm {grad_norm}"
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        sync()
-        m["time_update_s"] += time.perf_counter() - t1
-        step_s = time.perf_counter() - t0
-        n_tokens = int(batch.mask_BT.sum())
-        row = {
-            "step": step,
-            **m,
-            "adv_mean": m.get("adv_mean"),  # None for the exact (non-PG) estimators
-            "adv_std": m.get("adv_std"),
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "response_len": n_tokens / len(rollouts),
-            "truncated_frac": float(np.mean(rollouts.truncated)),
-            **adam_moment_proxy(optimizer),
-            "num_tokens": n_tokens,
-            "time_rollout_s": t_rollout,
-            "step_s": step_s,
-            "tokens_per_s": n_tokens / step_s,
-        }
-        append_jsonl(metrics_path, row)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl_mean']:.4f}")
+        append_jsonl(out / "metrics.jsonl", row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
         if step % cfg.save_every == 0 or step == total:
             state = _state(optimizer, scheduler, step, cfg)
             ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
-        if stop_after is not None and step >= stop_after and step < total:
+        if stop_after is not None and stop_after <= step < total:
             return {}
     bar.close()
-    rows = read_jsonl(metrics_path)
+    rows = read_jsonl(out / "metrics.jsonl")
     done = {
         "steps": total,
         "estimator": cfg.estimator,
@@ -445,16 +420,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         "time_s_this_process": time.perf_counter() - t_run,
         "mean_step_s": float(np.mean([r["step_s"] for r in rows])),
     }
-    write_json(out / "done.json", done)
+    write_json(out / "done.json", done)  # last: its presence means the run finished
     return done
-
-
-def _state(optimizer, scheduler, step: int, cfg: TrainConfig) -> dict:
-    return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data_position": step * cfg.prompts_per_step,  # prompts consumed so far
-    }
 
 
 def main(argv=None) -> None:

@@ -6,18 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vopd.batch import completion_logits, make_batch
 from vopd.config import TrainConfig
 from vopd.estimators import ESTIMATORS
 from vopd.rollout import SamplingParams
 from vopd.rollout.hf import HFBackend
-from vopd.train import (
-    build_optimizer,
-    completion_logits,
-    load_models,
-    load_prompts,
-    make_batch,
-    train_step,
-)
+from vopd.train import build_optimizer, load_models, load_prompts, train_step
 
 pytestmark = pytest.mark.integration
 
