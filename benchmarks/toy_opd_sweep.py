@@ -43,6 +43,10 @@ def mean_std(xs) -> str:
     return f"{xs.mean():.3f} ± {xs.std(ddof=1) if len(xs) > 1 else 0.0:.3f}"
 
 
+def _std(xs) -> float | None:
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", default="resources/toy", help="toy world directory")
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
             f"{mean_std(g.kl_last10):>15}  {g.mean_step_s.mean():6.3f}"
         )
         summary["estimators"][est] = {
-            k: {"mean": float(g[k].mean()), "std": float(g[k].std(ddof=1)), "n": len(g)}
+            k: {"mean": float(g[k].mean()), "std": _std(g[k]), "n": len(g)}
             for k in ("toy_test", "toy_hard", "kl_last10", "mean_step_s")
         }
     if "sample_opd" in set(df.estimator):
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
             print(f"{est:>15}  {mean_std(diff.dropna())}")
             summary["estimators"][est]["paired_minus_sample_opd"] = {
                 "mean": float(diff.mean()),
-                "std": float(diff.std(ddof=1)),
+                "std": _std(diff),
             }
     write_json(out / "summary.json", summary)
     print(json.dumps(summary))

@@ -103,11 +103,11 @@ def load_models(cfg: TrainConfig, student_path: str, device: torch.device):
     """Student (trainable, dropout off), frozen teacher (eval mode), tokenizer, shared vocab V."""
     for path in (student_path, cfg.teacher):
         resolve_model_path(path)  # a missing path fails before anything is loaded
-    tokenizer = load_tokenizer(student_path)
-    V = check_vocab(tokenizer, load_tokenizer(cfg.teacher))
+    tokenizer, teacher_tokenizer = load_tokenizer(student_path), load_tokenizer(cfg.teacher)
+    check_vocab(tokenizer, teacher_tokenizer)  # before loading any weights
     student = load_model(student_path, dtype=cfg.dtype, device=device)
     teacher = load_model(cfg.teacher, dtype=cfg.dtype, device=device)
-    V = check_vocab(tokenizer, tokenizer, student, teacher)
+    V = check_vocab(tokenizer, teacher_tokenizer, student, teacher)
     if cfg.estimator in TOPK_ESTIMATORS and cfg.top_k >= V:
         raise ValueError(
             f"top_k={cfg.top_k} >= vocabulary size {V}: estimator {cfg.estimator!r} would cover "
