@@ -326,18 +326,25 @@ def _wmean_std(x_BT: Tensor, m_BT: Tensor) -> tuple[float, float]:
 
 
 def _pg(
-    student, teacher, tokens, mask, normalize, chunk_rows, baseline, clip_floor=None, detach=True
+    student,
+    teacher,
+    tokens,
+    mask,
+    normalize,
+    chunk_rows,
+    baseline,
+    *,
+    top_k=None,
+    clip_floor=None,
+    detach=True,
 ):
     """Shared body: advantage A_t = r_t − b_t, loss gradient −Σ w_t A_t ∇log p(y_t).
 
-    ``baseline`` is None, "kl", "topk:{k}" or "opt". The top-k baseline is −KL(p̃‖q̃) (§1.6)."""
+    ``baseline`` is None, "kl", "topk" (with ``top_k``) or "opt". The top-k baseline is −KL(p̃‖q̃)
+    (§1.6)."""
     m_BT = _check(student, teacher, tokens, mask, normalize)
     B, T, V = student.shape
-    k = (
-        _check_top_k(int(baseline.split(":")[1]), V)
-        if baseline and baseline.startswith("topk")
-        else 0
-    )
+    k = _check_top_k(top_k, V) if baseline == "topk" else 0
     w_BT = _weights(m_BT, normalize)
     y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
     st = row_stats(
@@ -468,7 +475,8 @@ def vopd_topk(
         mask_BT,
         normalize,
         chunk_rows,
-        f"topk:{top_k}",
+        "topk",
+        top_k=top_k,
     )
 
 
