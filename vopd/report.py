@@ -96,6 +96,8 @@ def seed_stats(values) -> dict:
 def fmt_num(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
+    if abs(x) < 1e-12 * (1 + abs(x)):  # float noise of an exact zero (e.g. a std of equal values)
+        x = 0.0
     if x == 0 or 1e-2 <= abs(x) < 1e4:
         return f"{x:.3f}"
     return f"{x:.3g}"
@@ -420,7 +422,7 @@ def cost_table(prof, reference_estimator="sample_opd"):
                 r = r.iloc[0]
                 cells.append(
                     f"{fmt_num(r.step_s)} s ({fmt_num(r.time_ratio)}x), "
-                    f"{r.peak_mem_bytes / 2**20:.1f} MiB ({fmt_num(r.mem_ratio)}x)"
+                    f"{fmt_num(r.peak_mem_bytes / 2**20)} MiB ({fmt_num(r.mem_ratio)}x)"
                 )
             rows.append(cells)
         md.append(f"**{title}**\n\n" + markdown_table(header, rows))
