@@ -12,6 +12,7 @@ Mirrors holi-lab/vOPD ``src/evaluate_math.py`` / ``src/evaluate_mcq.py`` (refere
   math-verify parses nothing (e.g. Minerva's gold ``np.arcsin(10/13)`` against itself).
 - math: a plain scientific-notation number ``4.5e33`` is read as ``4.5\\times 10^{33}`` on both
   sides (math-verify reads ``e`` as Euler's number; Minerva golds use this notation).
+- math: an escaped ``\\$`` is not a math delimiter (``\\$32,\\!348`` is still wrapped in ``$..$``).
 - math: ``\\boxed 5`` (no braces) and ``\\fbox{}`` are accepted; escaped braces ``\\{ \\}`` do not
   count when matching braces; an empty ``\\boxed{}`` is no answer.
 - MCQ: the cascade is JSON object -> JSON-like ``"answer": X`` -> explicit letter phrasings ->
