@@ -1,5 +1,6 @@
-"""A tiny arithmetic world for the evaluation tests: char tokenizer, Llama model, a few seconds of
-SFT, and a toy benchmark in the benchmark schema. Built from configs; nothing is downloaded.
+"""A tiny arithmetic world for the evaluation tests: the toy character tokenizer, a Llama model,
+seconds of SFT, and a toy benchmark in the benchmark schema. Built from configs; nothing is
+downloaded.
 
 Problems are ``a+b=`` with one-digit a, b; the completion is ``a+b=s;\\boxed{s}`` then EOS (the toy
 world's format). Correctness is plain arithmetic, so tests can check grades independently.
@@ -12,30 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-ALPHABET = "0123456789+-*=;\\boxed{}"
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *ALPHABET])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        model_max_length=128,
-        padding_side="left",
-    )
+from vopd.toy.tokenizer import build_tokenizer  # the toy world's character tokenizer
 
 
 def completion(a: int, b: int) -> str:

@@ -214,3 +214,35 @@ def test_grade_bad_input(toy, tmp_path):
     with pytest.raises(SystemExit, match="missing column"):
         grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
     assert not Path(tmp_path / "summary.json").exists()
+
+
+def test_lora_adapter_with_the_hf_backend(toy, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vopd.lora import apply_lora, save_adapter
+
+    model_dir, bench = toy
+    peft_model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        r=8,
+        alpha=16,
+        base_name_or_path=str(model_dir),
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # PEFT starts B at 0 (a no-op adapter): make it change the model
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapter = save_adapter(peft_model, tmp_path / "adapter")
+    common = ["--n", "1", "--temperature", "0", "--limit", "8"]
+    _gen(model_dir, bench, tmp_path / "base.parquet", *common)
+    _gen(model_dir, bench, tmp_path / "lora.parquet", *common, "--lora", str(adapter))
+    _gen(adapter, bench, tmp_path / "adapter.parquet", *common)  # an adapter dir as --model
+    base, lora, unfolded = (
+        pd.read_parquet(tmp_path / f"{k}.parquet") for k in ("base", "lora", "adapter")
+    )
+    pd.testing.assert_frame_equal(lora, unfolded)
+    assert (lora["text"] != base["text"]).any()  # the adapter is applied
+    meta = json.loads(pq.read_schema(tmp_path / "lora.parquet").metadata[b"vopd"])
+    assert meta["lora"] == str(adapter) and meta["base"] == str(model_dir)
