@@ -56,25 +56,18 @@ def sampling_for(kind: str, args) -> dict:
 
 def resolve_model(model: str, lora: str | None) -> tuple[str, str | None]:
     """(base model, adapter or None); an adapter directory given as --model is unfolded."""
-    path = Path(model)
-    if (
-        path.is_dir()
-        and (path / "adapter_config.json").is_file()
-        and not (path / "config.json").is_file()
-    ):
+    from vopd.lora import adapter_base, is_adapter_dir
+    from vopd.models import resolve_model_path
+
+    if is_adapter_dir(model) and not (Path(model) / "config.json").is_file():
         if lora:
             raise ValueError(f"--model {model} is a LoRA adapter and --lora {lora} is another")
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return base, str(path)
-    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ValueError(f"model {model!r} does not exist (and is not a hub id like 'org/name')")
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"model {model!r} is not a save_pretrained directory (no config.json)")
-    if lora and not (Path(lora) / "adapter_config.json").is_file():
+        model, lora = adapter_base(model), model
+    if lora and not is_adapter_dir(lora):
         raise ValueError(
             f"--lora {lora!r} is not a PEFT adapter directory (no adapter_config.json)"
         )
-    return model, lora
+    return resolve_model_path(model), lora
 
 
 def _fingerprint(obj) -> str:
@@ -93,19 +86,16 @@ def build_backend(args, base: str, lora: str | None):
     if args.backend != "hf":
         return get_backend(args.backend, model=base, lora=lora, **extra), None, None
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    tokenizer = AutoTokenizer.from_pretrained(lora if lora and _has_tokenizer(lora) else base)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype[args.dtype])
-    if lora:
-        from peft import PeftModel
+    from vopd.lora import load_for_eval
+    from vopd.models import load_tokenizer
 
-        model = PeftModel.from_pretrained(model, lora).merge_and_unload()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    tokenizer = load_tokenizer(lora if lora and _has_tokenizer(lora) else base)
+    # an adapter is merged into its base with PEFT (W + (alpha/r) B A): plain-transformers speed
+    model = load_for_eval(
+        lora or base, base=base if lora else None, dtype=args.dtype, device=device
+    )
     backend = get_backend(
         "hf", model=model, tokenizer=tokenizer, batch_size=args.batch_size, device=device, **extra
     )

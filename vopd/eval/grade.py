@@ -106,6 +106,7 @@ def grade(
     """Per-sample grades, ordered by (benchmark order of the problem, sample_idx)."""
     from tqdm import tqdm
 
+    samples = samples.assign(problem_id=samples["problem_id"].astype(str))
     _check_shape(samples, bench, name)
     bench = bench.set_index("id")
     order = {pid: i for i, pid in enumerate(bench.index)}

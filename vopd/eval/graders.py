@@ -12,6 +12,7 @@ Mirrors holi-lab/vOPD ``src/evaluate_math.py`` / ``src/evaluate_mcq.py`` (refere
   math-verify parses nothing (e.g. Minerva's gold ``np.arcsin(10/13)`` against itself).
 - math: a plain scientific-notation number ``4.5e33`` is read as ``4.5\\times 10^{33}`` on both
   sides (math-verify reads ``e`` as Euler's number; Minerva golds use this notation).
+- math: an escaped ``\\$`` is not a math delimiter (``\\$32,\\!348`` is still wrapped in ``$..$``).
 - math: ``\\boxed 5`` (no braces) and ``\\fbox{}`` are accepted; escaped braces ``\\{ \\}`` do not
   count when matching braces; an empty ``\\boxed{}`` is no answer.
 - MCQ: the cascade is JSON object -> JSON-like ``"answer": X`` -> explicit letter phrasings ->
@@ -76,6 +77,7 @@ def extract_boxed(text: str) -> str | None:
 # Math equivalence (runs inside the worker processes of grade_math)
 
 _SPACING = re.compile(r"\\left\b|\\right\b|\\[!,;: ]|\\displaystyle\b|\s+|\$")
+_INT = re.compile(r"^\s*[-+]?\d+\s*$")
 _SCI = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*[eE]\s*([-+]?\d+)\s*$")
 
 
@@ -95,6 +97,16 @@ def _latex(answer: str) -> str:
     return answer if re.search(r"(?<!\\)\$", answer) else f"${answer}$"
 
 
+def quick_equal(gold: str, pred: str) -> bool | None:
+    """The verdict when it needs no parser: equal strings up to LaTeX spacing, or two plain
+    integers (compared as integers, as math-verify would); None otherwise."""
+    if normalize_string(gold) == normalize_string(pred):
+        return True
+    if _INT.match(gold) and _INT.match(pred):
+        return int(gold) == int(pred)
+    return None
+
+
 def math_equal(gold: str, pred: str, string_match: bool = True) -> bool:
     """True if ``pred`` equals ``gold`` as a string up to LaTeX spacing (unless
     ``string_match=False``), or math-verify says so.
@@ -104,8 +116,8 @@ def math_equal(gold: str, pred: str, string_match: bool = True) -> bool:
     """
     if not gold or not pred:
         return False
-    if string_match and normalize_string(gold) == normalize_string(pred):
-        return True
+    if string_match and quick_equal(gold, pred) is not None:
+        return quick_equal(gold, pred)
     from math_verify import parse, verify
 
     g = parse(_latex(gold), fallback_mode="no_fallback", parsing_timeout=None)
@@ -146,11 +158,12 @@ def grade_math(
 
     unique = sorted({(g, p) for g, p in pairs if p is not None})
     verdict: dict[tuple[str, str], tuple[bool, bool]] = {}
-    # exact string matches need no worker
+    # equal strings and plain integers need no worker
     todo = []
     for g, p in unique:
-        if string_match and normalize_string(g) == normalize_string(p):
-            verdict[(g, p)] = (True, False)
+        quick = quick_equal(g, p) if string_match else None
+        if quick is not None:
+            verdict[(g, p)] = (quick, False)
         else:
             todo.append((g, p))
     if progress:
