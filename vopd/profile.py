@@ -9,8 +9,8 @@
 Modes:
 
 - ``loss``: one loss + backward on random [B, T, V] logits (no model): the estimator's own cost.
-  ``naive_vopd`` (``--naive``) is the reference the official code resembles (opd_trainer.py:127-138):
-  two full [B, T, V] log-softmax tensors held by autograd.
+  ``naive_vopd`` (``--naive``) is the reference the official code resembles
+  (opd_trainer.py:127-138): two full [B, T, V] log-softmax tensors held by autograd.
 - ``train_step``: one optimizer step of the OPD loop with the rollout excluded (it is the same for
   every estimator): student forward with grad, teacher forward without, loss, backward, grad-norm
   clip (1.0, the HF default the official run uses) and AdamW step, each segment timed. The models
@@ -286,7 +286,7 @@ def measure_train_step(
     mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=dev)
     inputs = meter.now()
     meter.reset_peak()
-    seg = {k: 0.0 for k in ("student_fwd_s", "teacher_fwd_s", "loss_s", "backward_s", "optim_s")}
+    seg = dict.fromkeys(("student_fwd_s", "teacher_fwd_s", "loss_s", "backward_s", "optim_s"), 0.0)
 
     def tick(key, t0):
         meter.sync()
@@ -405,15 +405,20 @@ def format_table(rows: list[dict], ref: str = "sample_opd") -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, what: str, lo: int) -> list[int]:
+def _items(values: list[str] | str) -> list[str]:
+    """``["27,32000", "151936"]`` (commas, spaces or both) -> ``["27", "32000", "151936"]``."""
+    values = [values] if isinstance(values, str) else values
+    return [x.strip() for v in values for x in str(v).split(",") if x.strip()]
+
+
+def _ints(values: list[str] | str, what: str, lo: int) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in _items(values)]
     except ValueError:
-        raise SystemExit(f"{what}: expected comma-separated integers, got {text!r}") from None
-    bad = [v for v in values if v < lo]
-    if not values or bad:
-        raise SystemExit(f"{what}={text!r}: expected integers >= {lo}")
-    return values
+        raise SystemExit(f"{what}: expected integers, got {values!r}") from None
+    if not out or any(v < lo for v in out):
+        raise SystemExit(f"{what} {values!r}: expected integers >= {lo}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -422,14 +427,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vopd.profile", description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="Parquet file for the results")
     ap.add_argument("--mode", default="loss", choices=MODES, help="what one step is (see above)")
-    ap.add_argument("--vocab", help="vocabulary sizes (default: see DEFAULTS)")
-    ap.add_argument("--seq-len", help="completion tokens T per sequence")
-    ap.add_argument("--batch", help="sequences B")
-    ap.add_argument("--estimators", default="all", help="comma list, or 'all'")
+    ap.add_argument("--vocab", nargs="+", help="vocabulary sizes (default: see DEFAULTS)")
+    ap.add_argument("--seq-len", nargs="+", help="completion tokens T per sequence")
+    ap.add_argument("--batch", nargs="+", help="sequences B")
+    ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
     ap.add_argument("--naive", action="store_true", help="also profile the naive reference")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--top-k", type=int, default=100, help="k of the top-k estimators (capped at V)")
+    ap.add_argument(
+        "--top-k", type=int, default=100, help="k of the top-k estimators (capped at V)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timings per variant (best is kept)")
     ap.add_argument("--threads", type=int, help="torch threads per variant (default: torch's)")
     ap.add_argument("--model-config", default="toy", help="train_step: 'toy' or a config dir")
@@ -442,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         measure = measure_train_step if spec.pop("mode", "loss") == "train_step" else measure_one
         print(json.dumps(measure(**spec)))
         return
-    names = list(ESTIMATORS) if args.estimators == "all" else args.estimators.split(",")
+    names = _items(args.estimators)
+    names = list(ESTIMATORS) if names == ["all"] else list(dict.fromkeys(names))
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown:
         raise SystemExit(f"unknown estimator(s) {unknown}: expected names from {list(ESTIMATORS)}")
@@ -450,9 +458,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
     if args.top_k < 1 or args.repeats < 1 or args.prompt_len < 1:
         raise SystemExit("--top-k, --repeats and --prompt-len: expected integers >= 1")
-    if args.mode == "train_step" and args.model_config != "toy":
-        if not os.path.isfile(os.path.join(args.model_config, "config.json")):
-            raise SystemExit(f"--model-config {args.model_config!r}: no config.json there")
+    if (
+        args.mode == "train_step"
+        and args.model_config != "toy"
+        and not os.path.isfile(os.path.join(args.model_config, "config.json"))
+    ):
+        raise SystemExit(f"--model-config {args.model_config!r}: no config.json there")
     d = DEFAULTS[args.mode]
     vocab = _ints(args.vocab or d["vocab"], "--vocab", 2)
     seq_len = _ints(args.seq_len or d["seq_len"], "--seq-len", 1)

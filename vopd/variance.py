@@ -517,27 +517,27 @@ def read_run_config(run_dir: Path) -> dict:
 
 
 def load_models(cfg: dict, student_dir: Path, device: torch.device):
-    """Student checkpoint (trainable: all weights, or the LoRA adapter when the checkpoint is a
-    PEFT adapter), frozen teacher, tokenizer, and the shared vocabulary size (logit rows)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Student checkpoint (trainable: all weights, or only the LoRA adapter when the checkpoint is
+    a PEFT adapter, as the trainer trains it), frozen teacher, tokenizer, shared vocabulary V."""
+    from vopd.lora import adapter_base, is_adapter_dir
+    from vopd.models import check_vocab, load_model, load_tokenizer
 
-    dtype = getattr(torch, cfg["dtype"])
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if (student_dir / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+    tokenizer = load_tokenizer(str(student_dir))
+    check_vocab(tokenizer, load_tokenizer(cfg["teacher"]))
+    if is_adapter_dir(student_dir):
+        from peft import PeftModel
 
-        student = AutoPeftModelForCausalLM.from_pretrained(student_dir, is_trainable=True)
+        base = load_model(adapter_base(student_dir), dtype=cfg["dtype"], device=device)
+        student = PeftModel.from_pretrained(base, str(student_dir), is_trainable=True)
     else:
-        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg["teacher"], dtype=dtype)
-    student.to(device).train()
-    teacher.to(device).eval().requires_grad_(False)
+        student = load_model(str(student_dir), dtype=cfg["dtype"], device=device)
+    teacher = load_model(cfg["teacher"], dtype=cfg["dtype"], device=device)
+    V = check_vocab(tokenizer, tokenizer, student, teacher)
+    student.train()
+    teacher.eval().requires_grad_(False)
     for module in student.modules():  # as the trainer: dropout off (TRL disable_dropout)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    V = min(m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
     return student, teacher, tokenizer, V
 
 
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         "--out", required=True, help="Parquet file, e.g. RUN_DIR/variance/stepN.parquet"
     )
     ap.add_argument("--k", type=int, default=8, help="rollout batches (>= 2)")
-    ap.add_argument("--estimators", default="all", help="comma list, or 'all'")
+    ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
     ap.add_argument("--prompts", type=int, help="prompts M (default: the run's prompts_per_step)")
     ap.add_argument("--seed", type=int, help="seed column and probe seed (default: the run's)")
     ap.add_argument("--experiment", help="experiment column (default: RUN_DIR/../..'s name)")
@@ -616,10 +616,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     ckpt = run_dir / "checkpoints" / f"step{args.step}"
-    if not (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").is_file():
+    if not any((ckpt / f).is_file() for f in ("config.json", "adapter_config.json")):
         have = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
         raise SystemExit(f"error: no checkpoint {ckpt} (have: {have or 'none'})")
-    names = list(ESTIMATORS) if args.estimators == "all" else args.estimators.split(",")
+    names = [n for item in args.estimators for n in item.split(",") if n]
+    names = list(ESTIMATORS) if names == ["all"] else list(dict.fromkeys(names))
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown or not names:
         raise SystemExit(
