@@ -247,11 +247,13 @@ class GradientMoments:
                 self.m2[name] = self.co[name] = 0.0
             old[name] = g - self.mean[name]  # g_k − ḡ_{k−1}
             self.mean[name] += old[name] / self.k
+        ref_new = None
+        if self.ref in grads:  # h_k − h̄_k
+            ref_new = grads[self.ref].detach().to(torch.float64).flatten() - self.mean[self.ref]
         for name, g in grads.items():
             new = g.detach().to(torch.float64).flatten() - self.mean[name]  # g_k − ḡ_k
             self.m2[name] += float(old[name] @ new)
-            if self.ref in grads:
-                ref_new = grads[self.ref].detach().to(torch.float64).flatten() - self.mean[self.ref]
+            if ref_new is not None:
                 self.co[name] += float(old[name] @ ref_new)
 
     def summary(self, ref_variance: str = REF_VARIANCE) -> dict[str, dict[str, float]]:
@@ -269,8 +271,9 @@ class GradientMoments:
                 "total_variance_biased": self.m2[n] / K,  # the official (1/K) definition
                 "mean_grad_norm": math.sqrt(sq),
                 "mean_grad_sqnorm_debiased": signal,
-                "snr": signal / tv[n] if tv[n] > 0 else math.inf,
             }
+            if tv[n] > 0:
+                row["snr"] = signal / tv[n]
             if ref_variance in tv and tv[ref_variance] > 0:
                 row[f"variance_ratio_to_{ref_variance}"] = tv[n] / tv[ref_variance]
             if self.ref in self.mean:
