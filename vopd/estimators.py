@@ -110,9 +110,9 @@ def row_stats(
         out["kl"][sl] = kl_rows
         if opt_baseline:
             p = e.div_(z[:, None])
-            p2 = p * p
-            sum_p2 = p2.sum(-1)
-            sum_p2_r = -torch.linalg.vecdot(p2, d) + sum_p2 * (lse_p - lse_q)  # Σ p² r
+            sum_p2 = torch.linalg.vecdot(p, p)
+            sum_p2_d = torch.linalg.vecdot(d.mul_(p), p)  # d is not needed again: reuse it
+            sum_p2_r = sum_p2 * (lse_p - lse_q) - sum_p2_d  # Σ p² r, r = −d − lse_q + lse_p
             num, den = -(1.0 + sum_p2) * kl_rows - 2.0 * sum_p2_r, 1.0 - sum_p2
             out["b_opt"][sl] = torch.where(den > 1e-12, num / den.clamp_min(1e-12), -kl_rows)
     return out
