@@ -63,8 +63,13 @@ def prepare_student(cfg, model, *, adapter: str | Path | None = None):
                 )
     lora.set_dropout(model, 0.0)  # official TRL disable_dropout=True
     if cfg.gradient_checkpointing:
-        # non-reentrant checkpointing needs no input gradients (the embeddings may be frozen)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing needs no input gradients (the embeddings may be frozen);
+        # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
