@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from vopd import data
+from vopd.eval import grade as grade_cli
 from vopd.eval.grade import gold_samples, grade, math_verify_self_check
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
@@ -239,3 +240,30 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
         data.main(["prepare", "--benchmark", "mmlu", "--path", str(out), "--out", str(again)])
     with pytest.raises(SystemExit, match="KEY=COLUMN"):
         data.main(["prepare", "--benchmark", "amc23", "--field", "oops", "--out", str(again)])
+
+
+def test_gold_check_cli(tmp_path, capsys):
+    bench = tmp_path / "minerva.parquet"
+    data.main(
+        [
+            "prepare",
+            "--benchmark",
+            "minerva",
+            "--path",
+            str(FIXTURES / "minerva.jsonl"),
+            "--out",
+            str(bench),
+        ]
+    )
+    grade_cli.main(["--gold-check", "--benchmark", str(bench), "--out-dir", str(tmp_path / "ok")])
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["avg@1"] == 1.0 and summary["n"] == 1 and summary["num_problems"] == 5
+    assert summary["gold_check"]["string_match_only"] == ["2"]  # np.arcsin(10/13)
+    # a gold the grader cannot read back (an unbalanced brace) fails the check
+    rows = data.load_benchmark(str(bench)).to_dict(orient="records")
+    rows[0]["answer"] = "\\frac{1}{2"
+    data.write_benchmark(rows, bench)
+    with pytest.raises(SystemExit) as exc:
+        grade_cli.main(["--gold-check", "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert exc.value.code == 1
+    assert "gold-check FAILED: 0" in capsys.readouterr().err
