@@ -187,8 +187,29 @@ def test_bad_mcq_gold_and_missing_choices():
     spec = data.REGISTRY["gpqa_diamond"]
     with pytest.raises(ValueError, match="gold index 7 is out of range for 3 choices"):
         data.normalize([{"question": "q", "choices": ["a", "b", "c"], "answer": 7}], spec)
-    with pytest.raises(ValueError, match="no choices found"):
-        data.normalize([{"question": "q without options", "answer": "A"}], spec)
+    with pytest.raises(ValueError, match=r"no choices found .* is not a letter"):
+        data.normalize([{"question": "q without options", "answer": 0}], spec)
+
+
+def test_mcq_choice_layouts_inside_the_question():
+    spec = data.REGISTRY["gpqa_diamond"]
+    rows = [
+        {"question": "Which? (A) 1 eV (B) 2 eV (C) 3 eV (D) 4 eV", "answer": "B"},
+        {"question": "Options are in a figure.", "answer": "E"},
+    ]
+    inline, unknown = data.normalize(rows, spec)
+    assert inline["choices"] == ["1 eV", "2 eV", "3 eV", "4 eV"] and inline["answer"] == "B"
+    assert inline["problem"] == rows[0]["question"]  # kept as written
+    # options in an unknown layout: the letter gold still grades, with letters up to E
+    assert unknown["choices"] is None and unknown["answer"] == "E"
+    bench = pd.DataFrame([{**unknown, "id": "u"}])
+    samples = pd.DataFrame(
+        [
+            {"problem_id": "u", "sample_idx": i, "text": t, "num_tokens": 1, "truncated": False}
+            for i, t in enumerate(['{"answer": "E"}', "F"])
+        ]
+    )
+    assert list(grade(samples, bench)["correct"]) == [True, False]
 
 
 def test_duplicate_ids_and_missing_files(tmp_path):
@@ -267,3 +288,16 @@ def test_gold_check_cli(tmp_path, capsys):
         grade_cli.main(["--gold-check", "--benchmark", str(bench), "--out-dir", str(tmp_path)])
     assert exc.value.code == 1
     assert "gold-check FAILED: 0" in capsys.readouterr().err
+
+
+def test_rl_parquet_layout_unwraps():
+    # verl-style rows: chat-format prompt, reward_model.ground_truth
+    rows = [
+        {
+            "data_source": "math_dapo",
+            "prompt": [{"role": "user", "content": "1+1?"}],
+            "reward_model": {"style": "rule", "ground_truth": "2"},
+        }
+    ]
+    (row,) = data.normalize(rows, data.REGISTRY["dapo14k"])
+    assert row["problem"] == "1+1?" and row["answer"] == "2"
