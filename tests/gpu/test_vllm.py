@@ -169,6 +169,7 @@ def test_full_weight_sync_samples_the_new_weights(model_dir):
 def test_one_opd_step_with_vllm_and_lora(tmp_path, model_dir, estimator):
     """``python -m vopd.train`` for one step: vLLM rollouts, LoRA student, IS correction on."""
     import pandas as pd
+
     from vopd.train import main
 
     prompts = tmp_path / "prompts.parquet"
