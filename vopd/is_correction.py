@@ -99,3 +99,26 @@ def mismatch_metrics(
         "is_weight_max": float(w_B[has].max()) if has.any() else 1.0,
         "is_zeroed_frac": float((raw_B[has] > cap).double().mean()) if has.any() else 0.0,
     }
+
+
+def step_weights(
+    estimator: str,
+    enabled: bool,
+    logp_train_BT: Tensor,
+    logp_sampler_BT: Tensor | None,
+    mask_BT: Tensor,
+    *,
+    cap: float = IS_CAP,
+) -> tuple[Tensor | None, dict[str, float]]:
+    """The trainer's seam: (the per-sequence weights to apply, or None; the mismatch metrics).
+
+    Weights only when the correction is ``enabled`` and ``estimator`` is a policy-gradient one;
+    metrics whenever the sampler's log-probs are known (empty dict otherwise)."""
+    if logp_sampler_BT is None:
+        if enabled:
+            raise ValueError("is_correction=true needs the rollout backend's sampler log-probs")
+        return None, {}
+    metrics = mismatch_metrics(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap)
+    if not enabled or estimator not in PG_ESTIMATORS:
+        return None, metrics
+    return sequence_is_weights(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap), metrics

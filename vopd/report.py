@@ -383,9 +383,11 @@ def variance_table(var, reference_estimator="sample_opd"):
 def cost_summary(prof: pd.DataFrame, reference_estimator="sample_opd") -> pd.DataFrame:
     """Best (min) time and largest peak memory per configuration, with ratios to the reference
     estimator in the same (device, extra settings, V, T, batch)."""
-    extra = [
-        c for c in prof.columns if prof[c].dtype == object and c not in ("estimator", "device")
-    ]
+    if "status" in prof.columns:  # variants that failed (e.g. out of memory) have no numbers
+        prof = prof[prof["status"].fillna("ok") == "ok"]
+    prof = prof[np.isfinite(prof["step_s"]) & np.isfinite(prof["peak_mem_bytes"])]
+    skip = ("estimator", "device", "status")
+    extra = [c for c in prof.columns if prof[c].dtype == object and c not in skip]
     keys = ["device", *extra, "vocab_size", "seq_len", "batch"]
     agg = prof.groupby([*keys, "estimator"], as_index=False).agg(
         step_s=("step_s", "min"), peak_mem_bytes=("peak_mem_bytes", "max")

@@ -32,12 +32,29 @@ line.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
+import yaml
 from torch import Tensor
+from tqdm import tqdm
 
-from vopd.estimators import reverse_kl_full, reverse_kl_topk, row_stats
+from vopd.estimators import (
+    ESTIMATOR_OPTIONS,
+    ESTIMATORS,
+    reverse_kl_full,
+    reverse_kl_topk,
+    row_stats,
+)
+from vopd.io import read_jsonl, write_parquet
 
 PG_BASELINES = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")  # per-position baselines
 EXACT_ESTIMATORS = ("full_opd", "topk_opd")  # no sampled token: zero per-position variance
@@ -121,60 +138,83 @@ def estimator_baselines(
     }
 
 
-def topk_bias_sqnorm(student_NV: Tensor, teacher_NV: Tensor, top_k: int) -> Tensor:
+def topk_bias_sqnorm(
+    student_NV: Tensor, teacher_NV: Tensor, top_k: int, *, chunk_rows: int | None = None
+) -> Tensor:
     """‖∇_z KL(p̃‖q̃) − ∇_z KL(p‖q)‖² per row (float64): the exact per-position bias of
     ``topk_opd``'s logit gradient; 0 at k = V (claim C11)."""
-    z = student_NV.detach().to(torch.float64).requires_grad_(True)
-    t = teacher_NV.detach().to(torch.float64)
-    with torch.enable_grad():
-        (g_topk,) = torch.autograd.grad(
-            reverse_kl_topk(z[None], t[None], min(top_k, z.shape[1])).sum(), z
-        )
-        (g_full,) = torch.autograd.grad(reverse_kl_full(z[None], t[None]).sum(), z)
-    return ((g_topk - g_full) ** 2).sum(-1)
+    N, V = student_NV.shape
+    rows = chunk_rows or max(1, (1 << 20) // V)
+    out = torch.empty(N, dtype=torch.float64, device=student_NV.device)
+    for a in range(0, N, rows):
+        z = student_NV[a : a + rows].detach().to(torch.float64).requires_grad_(True)
+        t = teacher_NV[a : a + rows].detach().to(torch.float64)
+        with torch.enable_grad():
+            kl_topk = reverse_kl_topk(z[None], t[None], min(top_k, V)).sum()
+            (g_topk,) = torch.autograd.grad(kl_topk, z)
+            (g_full,) = torch.autograd.grad(reverse_kl_full(z[None], t[None]).sum(), z)
+        out[a : a + rows] = ((g_topk - g_full) ** 2).sum(-1)
+    return out
 
 
-def exact_probes(
-    student_NV: Tensor,
-    teacher_NV: Tensor,
-    weights_N: Tensor,
-    estimators: list[str],
-    *,
-    top_k: int,
-) -> dict[str, dict[str, float]]:
-    """Weighted means over positions (weights ``weights_N``, e.g. the completion mask) of the
-    exact per-position probes, per estimator:
+class ExactPositionMoments:
+    """Weighted sums over positions (weights, e.g. the completion mask) of the exact per-position
+    probes, accumulated batch by batch; ``summary`` gives the weighted means per estimator:
 
     - ``exact_position_variance``: V(b_e) (0 for ``full_opd``/``topk_opd``: no sampled token);
     - ``removable_variance``: V(b_e) − V(b*), what a better per-position baseline could still
-      remove (for ``sample_opd``: all a baseline can remove);
+      remove (for ``sample_opd``: all that any per-position baseline can remove);
     - ``irreducible_variance``: V(b*), what no per-position baseline removes;
     - ``removed_fraction``: (V(0) − V(b_e)) / (V(0) − V(b*)), the share of the removable variance
-      that the estimator's baseline removes;
-    - ``exact_position_bias_sqnorm`` (``topk_opd`` only): ‖E g − ∇KL‖²."""
-    w = weights_N.to(torch.float64)
-    w = w / w.sum().clamp_min(1e-300)
-    pg = [e for e in estimators if e in PG_BASELINES]
-    base = estimator_baselines(student_NV, teacher_NV, top_k=top_k)
-    var = position_variance(student_NV, teacher_NV, {e: base[e] for e in pg})
-    irr, zero = float(w @ var["irreducible"]), float(w @ var["zero"])
-    out: dict[str, dict[str, float]] = {}
-    for e in pg:
-        ve = float(w @ var[e])
-        out[e] = {
-            "exact_position_variance": ve,
-            "removable_variance": ve - irr,
-            "irreducible_variance": irr,
-        }
-        if zero - irr > 0:
-            out[e]["removed_fraction"] = (zero - ve) / (zero - irr)
-    for e in estimators:
-        if e in EXACT_ESTIMATORS:
-            out[e] = {"exact_position_variance": 0.0}
-    if "topk_opd" in estimators:
-        bias = topk_bias_sqnorm(student_NV, teacher_NV, top_k)
-        out["topk_opd"]["exact_position_bias_sqnorm"] = float(w @ bias)
-    return out
+      that the estimator's baseline removes (1 for ``opt_baseline``, 0 for ``sample_opd``);
+    - ``exact_position_bias_sqnorm`` (``topk_opd`` only): ‖E_y g − ∇_z KL‖², its exact bias."""
+
+    def __init__(self, estimators: list[str], *, top_k: int):
+        self.estimators, self.top_k = list(estimators), top_k
+        self.pg = [e for e in self.estimators if e in PG_BASELINES]
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, student_NV: Tensor, teacher_NV: Tensor, weights_N: Tensor) -> None:
+        w = weights_N.detach().to(device=student_NV.device, dtype=torch.float64)
+        base = estimator_baselines(student_NV, teacher_NV, top_k=self.top_k)
+        var = position_variance(student_NV, teacher_NV, {e: base[e] for e in self.pg})
+        terms = {k: var[k] for k in (*self.pg, "irreducible", "zero")}
+        if "topk_opd" in self.estimators:
+            terms["topk_bias"] = topk_bias_sqnorm(student_NV, teacher_NV, self.top_k)
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(w @ v)
+        self.weight += float(w.sum())
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        if self.weight <= 0:
+            raise ValueError("no positions with positive weight: nothing to average")
+        mean = {k: v / self.weight for k, v in self.sums.items()}
+        irr, zero = mean["irreducible"], mean["zero"]
+        out: dict[str, dict[str, float]] = {}
+        for e in self.pg:
+            out[e] = {
+                "exact_position_variance": mean[e],
+                "removable_variance": mean[e] - irr,
+                "irreducible_variance": irr,
+            }
+            if zero - irr > 0:
+                out[e]["removed_fraction"] = (zero - mean[e]) / (zero - irr)
+        for e in self.estimators:
+            if e in EXACT_ESTIMATORS:
+                out[e] = {"exact_position_variance": 0.0}
+        if "topk_opd" in self.estimators:
+            out["topk_opd"]["exact_position_bias_sqnorm"] = mean["topk_bias"]
+        return out
+
+
+def exact_probes(
+    student_NV: Tensor, teacher_NV: Tensor, weights_N: Tensor, estimators: list[str], *, top_k: int
+) -> dict[str, dict[str, float]]:
+    """:class:`ExactPositionMoments` over one set of rows."""
+    acc = ExactPositionMoments(estimators, top_k=top_k)
+    acc.add(student_NV, teacher_NV, weights_N)
+    return acc.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +247,13 @@ class GradientMoments:
                 self.m2[name] = self.co[name] = 0.0
             old[name] = g - self.mean[name]  # g_k − ḡ_{k−1}
             self.mean[name] += old[name] / self.k
+        ref_new = None
+        if self.ref in grads:  # h_k − h̄_k
+            ref_new = grads[self.ref].detach().to(torch.float64).flatten() - self.mean[self.ref]
         for name, g in grads.items():
             new = g.detach().to(torch.float64).flatten() - self.mean[name]  # g_k − ḡ_k
             self.m2[name] += float(old[name] @ new)
-            if self.ref in grads:
-                ref_new = grads[self.ref].detach().to(torch.float64).flatten() - self.mean[self.ref]
+            if ref_new is not None:
                 self.co[name] += float(old[name] @ ref_new)
 
     def summary(self, ref_variance: str = REF_VARIANCE) -> dict[str, dict[str, float]]:
@@ -229,8 +271,9 @@ class GradientMoments:
                 "total_variance_biased": self.m2[n] / K,  # the official (1/K) definition
                 "mean_grad_norm": math.sqrt(sq),
                 "mean_grad_sqnorm_debiased": signal,
-                "snr": signal / tv[n] if tv[n] > 0 else math.inf,
             }
+            if tv[n] > 0:
+                row["snr"] = signal / tv[n]
             if ref_variance in tv and tv[ref_variance] > 0:
                 row[f"variance_ratio_to_{ref_variance}"] = tv[n] / tv[ref_variance]
             if self.ref in self.mean:
@@ -257,3 +300,427 @@ class GradientMoments:
             if noise > 0:
                 out[f"bias_ratio_vs_{ref}"] = diff2 / noise
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and logits.
+# TODO(merge train): replace by vopd.train.make_batch / completion_logits once they are on main.
+
+
+@dataclass
+class _Batch:
+    """Prompts left-padded, completions right-padded (every completion starts at column P);
+    the last T positions of ``input_ids_BL`` (= prompt + completion minus its last column)
+    predict ``tokens_BT``."""
+
+    input_ids_BL: Tensor
+    attention_mask_BL: Tensor
+    position_ids_BL: Tensor
+    tokens_BT: Tensor
+    mask_BT: Tensor
+
+    def rows(self, sl: slice) -> _Batch:
+        return _Batch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+
+
+def make_batch(rollouts, pad_id: int, device) -> _Batch:
+    B = len(rollouts)
+    P = max(len(p) for p in rollouts.prompt_ids)
+    T = max(1, max(len(c) for c in rollouts.completion_ids))
+    ids_BS = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn_BS = torch.zeros((B, P + T), dtype=torch.long)
+    for b, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)):
+        ids_BS[b, P - len(p) : P + len(c)] = torch.tensor(list(p) + list(c))
+        attn_BS[b, P - len(p) : P + len(c)] = 1
+    pos_BS = (attn_BS.cumsum(-1) - 1).clamp_min(0)  # what generate uses under left padding
+    return _Batch(
+        ids_BS[:, :-1].to(device),
+        attn_BS[:, :-1].to(device),
+        pos_BS[:, :-1].to(device),
+        ids_BS[:, P:].to(device),
+        attn_BS[:, P:].to(device),
+    )
+
+
+def completion_logits(model, batch: _Batch, V: int) -> Tensor:
+    """[B, T, V] logits; position t predicts ``batch.tokens_BT[:, t]``."""
+    out = model(
+        input_ids=batch.input_ids_BL,
+        attention_mask=batch.attention_mask_BL,
+        position_ids=batch.position_ids_BL,
+        logits_to_keep=batch.tokens_BT.shape[1],
+        use_cache=False,
+    )
+    return out.logits[..., :V]
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe: K rollout batches of the same prompts, every estimator on each (common random
+# numbers), one student and one teacher forward per (micro-)batch.
+
+
+def estimator_options(name: str, *, top_k: int, normalize: str) -> dict:
+    """Options each estimator gets in the probe: the run's ``top_k`` and ``normalize``;
+    ``sample_opd`` keeps its plain, detached, unclipped reward."""
+    opts = {"normalize": normalize}
+    return opts | ({"top_k": top_k} if "top_k" in ESTIMATOR_OPTIONS[name] else {})
+
+
+def batch_gradients(
+    student,
+    teacher,
+    batch: _Batch,
+    estimators: list[str],
+    params,
+    V: int,
+    *,
+    top_k: int,
+    normalize: str,
+    micro_batch: int = 0,
+    exact: ExactPositionMoments | None = None,
+) -> dict[str, Tensor]:
+    """Flattened gradient of every estimator's loss on ``batch`` w.r.t. ``params``. Micro-batches
+    are weighted by their share of tokens (token_mean) or sequences (seq_mean), so the result is
+    the gradient of the loss on the whole batch, as in the trainer. Feeds ``exact`` the
+    completion positions' logits."""
+    B = batch.tokens_BT.shape[0]
+    micro = micro_batch or B
+    n_tok = batch.mask_BT.sum().clamp_min(1)
+    n_seq = (batch.mask_BT.sum(-1) > 0).sum().clamp_min(1)
+    grads = {e: [torch.zeros_like(p) for p in params] for e in estimators}
+    for a in range(0, B, micro):
+        mb = batch.rows(slice(a, a + micro))
+        with torch.no_grad():
+            q_BTV = completion_logits(teacher, mb, V)
+        s_BTV = completion_logits(student, mb, V)
+        if normalize == "token_mean":
+            scale = mb.mask_BT.sum() / n_tok
+        else:
+            scale = (mb.mask_BT.sum(-1) > 0).sum() / n_seq
+        for i, e in enumerate(estimators):
+            opts = estimator_options(e, top_k=top_k, normalize=normalize)
+            loss, _ = ESTIMATORS[e](s_BTV, q_BTV, mb.tokens_BT, mb.mask_BT, **opts)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"estimator {e!r}: non-finite loss {float(loss)}")
+            g = torch.autograd.grad(
+                loss * scale, params, retain_graph=i < len(estimators) - 1, allow_unused=True
+            )
+            for acc, gi in zip(grads[e], g, strict=True):
+                if gi is not None:
+                    acc += gi
+        if exact is not None:
+            keep_N = mb.mask_BT.reshape(-1) > 0
+            exact.add(
+                s_BTV.detach().reshape(-1, V)[keep_N],
+                q_BTV.reshape(-1, V)[keep_N],
+                mb.mask_BT.reshape(-1)[keep_N],
+            )
+    return {e: torch.cat([g.flatten() for g in gs]) for e, gs in grads.items()}
+
+
+def probe(
+    student,
+    teacher,
+    tokenizer,
+    prompts: list[str],
+    *,
+    estimators: list[str],
+    k: int,
+    seed: int,
+    sampling: dict,
+    top_k: int,
+    normalize: str = "token_mean",
+    V: int,
+    micro_batch: int = 0,
+    exact: bool = True,
+    rollout_batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Run both probes; return ``{"param": {estimator: {probe: value}}, "exact": {...}, ...}``.
+    Batch j's rollouts are drawn with sampler seed SeedSequence([seed, j]): the same K batches
+    for every estimator, reproducible from ``seed``."""
+    from vopd.rollout import SamplingParams, get_backend
+
+    if k < 2:
+        raise ValueError(f"k={k}: expected at least 2 rollout batches for a variance")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters")
+    ref = REF_MEAN if REF_MEAN in estimators else None
+    moments = GradientMoments(ref=ref)
+    acc = ExactPositionMoments(estimators, top_k=top_k) if exact else None
+    backend = get_backend("hf", model=student, tokenizer=tokenizer, batch_size=rollout_batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(student.parameters()).device
+    positions = 0
+    times = {"rollout_s": 0.0, "gradients_s": 0.0}
+    for j in tqdm(range(k), desc="variance batches", file=sys.stderr, disable=not progress):
+        t0 = time.perf_counter()
+        sseed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+        rollouts = backend.generate(prompts, SamplingParams(**sampling, seed=sseed))
+        batch = make_batch(rollouts, pad_id, device)
+        t1 = time.perf_counter()
+        grads = batch_gradients(
+            student,
+            teacher,
+            batch,
+            estimators,
+            params,
+            V,
+            top_k=top_k,
+            normalize=normalize,
+            micro_batch=micro_batch,
+            exact=acc,
+        )
+        moments.update(grads)
+        positions += int((batch.mask_BT > 0).sum())
+        times["rollout_s"] += t1 - t0
+        times["gradients_s"] += time.perf_counter() - t1
+    return {
+        "param": moments.summary(),
+        "exact": acc.summary() if acc is not None else {},
+        "positions": positions,
+        "params": sum(p.numel() for p in params),
+        "times": times,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory -> rows (design.md results contract), table, CLI.
+# TODO(merge train): read the config with vopd.config.load_config and load the models with
+# vopd.train.load_models (vopd.models) once they are on main.
+
+_CONFIG_DEFAULTS = {  # vopd.config.TrainConfig defaults, for keys a config may leave out
+    "prompt_column": "prompt",
+    "top_k": 100,
+    "normalize": "token_mean",
+    "prompts_per_step": 256,
+    "samples_per_prompt": 1,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "sampling_top_k": -1,
+    "max_new_tokens": 2048,
+    "rollout_batch_size": 64,
+    "micro_batch_size": 0,
+    "seed": 42,
+    "dtype": "float32",
+    "device": "auto",
+}
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: expected a run directory of python -m vopd.train")
+    raw = yaml.safe_load(path.read_text()) or {}
+    missing = [k for k in ("teacher", "prompts") if k not in raw]
+    if missing:
+        raise ValueError(f"{path} has no {missing}: expected a resolved vopd.train config")
+    return {**_CONFIG_DEFAULTS, **raw}
+
+
+def load_models(cfg: dict, student_dir: Path, device: torch.device):
+    """Student checkpoint (trainable: all weights, or only the LoRA adapter when the checkpoint is
+    a PEFT adapter, as the trainer trains it), frozen teacher, tokenizer, shared vocabulary V."""
+    from vopd.lora import adapter_base, is_adapter_dir
+    from vopd.models import check_vocab, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(student_dir))
+    check_vocab(tokenizer, load_tokenizer(cfg["teacher"]))
+    if is_adapter_dir(student_dir):
+        from peft import PeftModel
+
+        base = load_model(adapter_base(student_dir), dtype=cfg["dtype"], device=device)
+        student = PeftModel.from_pretrained(base, str(student_dir), is_trainable=True)
+    else:
+        student = load_model(str(student_dir), dtype=cfg["dtype"], device=device)
+    teacher = load_model(cfg["teacher"], dtype=cfg["dtype"], device=device)
+    V = check_vocab(tokenizer, tokenizer, student, teacher)
+    student.train()
+    teacher.eval().requires_grad_(False)
+    for module in student.modules():  # as the trainer: dropout off (TRL disable_dropout)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return student, teacher, tokenizer, V
+
+
+def choose_prompts(cfg: dict, m: int, seed: int, step: int) -> list[str]:
+    """M prompts of the run's training set, drawn without replacement by (seed, step)."""
+    df = pd.read_parquet(cfg["prompts"], columns=[cfg["prompt_column"]])
+    prompts = [p for p in df[cfg["prompt_column"]] if isinstance(p, str) and p.strip()]
+    if m > len(prompts):
+        raise ValueError(f"--prompts {m}: the run's prompt set has only {len(prompts)}")
+    idx = np.random.default_rng([seed, step]).choice(len(prompts), m, replace=False)
+    return [prompts[i] for i in sorted(idx)]
+
+
+def to_rows(result: dict, *, experiment: str, seed: int, step: int, k: int) -> list[dict]:
+    rows = []
+    for part in ("param", "exact"):
+        for est, probes in result[part].items():
+            for name, value in probes.items():
+                rows.append({"estimator": est, "probe": name, "value": float(value)})
+    for est in result["param"]:
+        rows.append({"estimator": est, "probe": "k", "value": float(k)})
+        rows.append(
+            {"estimator": est, "probe": "num_positions", "value": float(result["positions"])}
+        )
+    for est, value in result.get("adam_proxy", {}).items():
+        rows.append({"estimator": est, "probe": "adam_proxy", "value": float(value)})
+    return [{"experiment": experiment, "seed": seed, "step": step, **r} for r in rows]
+
+
+TABLE = (  # (probe, header, format)
+    ("total_variance", "tot_var", ".4g"),
+    (f"variance_ratio_to_{REF_VARIANCE}", "x sample", ".3f"),
+    ("mean_grad_norm", "|mean g|", ".4g"),
+    (f"cosine_to_{REF_MEAN}", "cos full", ".3f"),
+    (f"cosine_to_{REF_MEAN}_debiased", "cos deb", ".3f"),
+    (f"bias_ratio_vs_{REF_MEAN}", "bias/noise", ".2f"),
+    ("exact_position_variance", "exact_var", ".4g"),
+    ("removable_variance", "removable", ".4g"),
+    ("irreducible_variance", "irreduc", ".4g"),
+    ("removed_fraction", "removed", ".3f"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    by = {(r["estimator"], r["probe"]): r["value"] for r in rows}
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    head = f"{'estimator':<13}" + "".join(f"{h:>11}" for _, h, _ in TABLE)
+    lines = [head, "-" * len(head)]
+    for e in names:
+        cells = [f"{by[(e, p)]:>11{f}}" if (e, p) in by else f"{'-':>11}" for p, _, f in TABLE]
+        lines.append(f"{e:<13}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vopd.variance", description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", required=True, help="RUN_DIR of python -m vopd.train")
+    ap.add_argument("--step", type=int, required=True, help="checkpoint RUN_DIR/checkpoints/stepN")
+    ap.add_argument(
+        "--out", required=True, help="Parquet file, e.g. RUN_DIR/variance/stepN.parquet"
+    )
+    ap.add_argument("--k", type=int, default=8, help="rollout batches (>= 2)")
+    ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
+    ap.add_argument("--prompts", type=int, help="prompts M (default: the run's prompts_per_step)")
+    ap.add_argument("--seed", type=int, help="seed column and probe seed (default: the run's)")
+    ap.add_argument("--experiment", help="experiment column (default: RUN_DIR/../..'s name)")
+    ap.add_argument("--top-k", type=int, help="k of the top-k estimators (default: the run's)")
+    ap.add_argument("--micro-batch", type=int, help="sequences per forward (default: the run's)")
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact per-position probe")
+    ap.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    args = ap.parse_args(argv)
+
+    run_dir = Path(args.run_dir)
+    try:
+        cfg = read_run_config(run_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    ckpt = run_dir / "checkpoints" / f"step{args.step}"
+    if not any((ckpt / f).is_file() for f in ("config.json", "adapter_config.json")):
+        have = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+        raise SystemExit(f"error: no checkpoint {ckpt} (have: {have or 'none'})")
+    names = [n for item in args.estimators for n in item.split(",") if n]
+    names = list(ESTIMATORS) if names == ["all"] else list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown or not names:
+        raise SystemExit(
+            f"error: unknown estimator(s) {unknown}: expected names from "
+            f"{list(ESTIMATORS)} or 'all'"
+        )
+    if args.k < 2:
+        raise SystemExit(f"error: --k {args.k}: expected at least 2 rollout batches")
+    m = args.prompts if args.prompts is not None else int(cfg["prompts_per_step"])
+    top_k = args.top_k if args.top_k is not None else int(cfg["top_k"])
+    if m < 1 or top_k < 1:
+        raise SystemExit(f"error: --prompts {m} / --top-k {top_k}: expected integers >= 1")
+    if float(cfg["temperature"]) != 1.0 or float(cfg["top_p"]) != 1.0 or cfg["sampling_top_k"] > 0:
+        print(
+            "warning: the run samples with temperature/top-p/top-k != off: rollouts are not "
+            "drawn from the student's distribution, so the PG estimators are biased",
+            file=sys.stderr,
+        )
+    seed = args.seed if args.seed is not None else int(cfg["seed"])
+    experiment = args.experiment or run_dir.resolve().parent.parent.name
+    device = args.device or cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        prompts = choose_prompts(cfg, m, seed, args.step)
+        student, teacher, tokenizer, V = load_models(cfg, ckpt, torch.device(device))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if top_k > V:
+        print(
+            f"warning: top_k={top_k} > V={V}: capped at V (the top-k estimators then equal "
+            "their full-vocabulary versions)",
+            file=sys.stderr,
+        )
+        top_k = V
+    sampling = {
+        "temperature": float(cfg["temperature"]),
+        "top_p": float(cfg["top_p"]),
+        "top_k": int(cfg["sampling_top_k"]),
+        "max_new_tokens": int(cfg["max_new_tokens"]),
+        "n": int(cfg["samples_per_prompt"]),
+    }
+    t0 = time.perf_counter()
+    result = probe(
+        student,
+        teacher,
+        tokenizer,
+        prompts,
+        estimators=names,
+        k=args.k,
+        seed=seed,
+        sampling=sampling,
+        top_k=top_k,
+        normalize=cfg["normalize"],
+        V=V,
+        micro_batch=args.micro_batch
+        if args.micro_batch is not None
+        else int(cfg["micro_batch_size"]),
+        exact=not args.no_exact,
+        rollout_batch_size=int(cfg["rollout_batch_size"]),
+    )
+    result["adam_proxy"] = _adam_proxy(run_dir, args.step, cfg.get("estimator"))
+    rows = to_rows(result, experiment=experiment, seed=seed, step=args.step, k=args.k)
+    write_parquet(args.out, pd.DataFrame(rows, columns=COLUMNS))
+    print(format_table(rows))
+    summary = {
+        "out": str(args.out),
+        "experiment": experiment,
+        "seed": seed,
+        "step": args.step,
+        "k": args.k,
+        "prompts": m,
+        "positions": result["positions"],
+        "params": result["params"],
+        "top_k": top_k,
+        "vocab_size": V,
+        "common_random_numbers": True,
+        "time_s": time.perf_counter() - t0,
+        **{f"time_{k}": v for k, v in result["times"].items()},
+        "probes": {e: p | result["exact"].get(e, {}) for e, p in result["param"].items()},
+    }
+    print(json.dumps(summary))
+
+
+COLUMNS = ["experiment", "estimator", "seed", "step", "probe", "value"]
+
+
+def _adam_proxy(run_dir: Path, step: int, estimator: str | None) -> dict[str, float]:
+    """The trainer's Adam-moment proxy at ``step`` (metrics.jsonl), for the run's estimator."""
+    path = run_dir / "metrics.jsonl"
+    if estimator is None or not path.is_file():
+        return {}
+    for row in read_jsonl(path):
+        if row.get("step") == step and row.get("adam_proxy") is not None:
+            return {estimator: float(row["adam_proxy"])}
+    return {}
+
+
+if __name__ == "__main__":
+    main()

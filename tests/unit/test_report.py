@@ -169,15 +169,17 @@ def test_variance_table_ratios_by_hand():
 
 
 def profile_frame() -> pd.DataFrame:
+    nan = float("nan")
     return pd.DataFrame(
         {
-            "estimator": ["sample_opd", "sample_opd", "full_opd", "vopd"],
-            "vocab_size": [1000] * 4,
-            "seq_len": [64] * 4,
-            "batch": [2] * 4,
-            "step_s": [0.20, 0.10, 0.30, 0.12],  # two repeats of sample_opd: best is 0.10
-            "peak_mem_bytes": [2**20, 2**20, 3 * 2**20, 1.5 * 2**20],
-            "device": ["cpu"] * 4,
+            "estimator": ["sample_opd", "sample_opd", "full_opd", "vopd", "full_opd"],
+            "vocab_size": [1000] * 5,
+            "seq_len": [64] * 5,
+            "batch": [2] * 5,
+            "step_s": [0.20, 0.10, 0.30, 0.12, nan],  # two repeats of sample_opd: best is 0.10
+            "peak_mem_bytes": [2**20, 2**20, 3 * 2**20, 1.5 * 2**20, nan],
+            "device": ["cpu"] * 5,
+            "status": ["ok"] * 4 + ["failed: out of memory"],  # a failed variant is left out
         }
     )
 

@@ -16,6 +16,7 @@ import torch
 from vopd.estimators import ESTIMATORS
 from vopd.gradstats import total_variance
 from vopd.variance import (
+    ExactPositionMoments,
     GradientMoments,
     estimator_baselines,
     exact_probes,
@@ -121,6 +122,18 @@ def test_baselines_reduce_exact_variance_on_a_seeded_fixture():
         )
     assert v["full_opd"] == v["topk_opd"] == 0.0
     assert out["topk_opd"]["exact_position_bias_sqnorm"] > 0
+
+
+def test_exact_moments_accumulate_batches_like_one_batch():
+    s, t = _logits(N=10, V=5, seed=7)
+    w = torch.rand(10, generator=torch.Generator().manual_seed(0), dtype=D)
+    acc = ExactPositionMoments(list(ESTIMATORS), top_k=2)
+    acc.add(s[:4], t[:4], w[:4])
+    acc.add(s[4:], t[4:], w[4:])
+    whole = exact_probes(s, t, w, list(ESTIMATORS), top_k=2)
+    for e, probes in whole.items():
+        for k, v in probes.items():
+            assert acc.summary()[e][k] == pytest.approx(v, rel=1e-10, abs=1e-14)
 
 
 def test_exact_probes_weight_positions():

@@ -91,7 +91,7 @@ def test_schema_names_every_registered_estimator():
     for name, ref in props.items():
         options = schema["$defs"][ref["$ref"].split("/")[-1]]["properties"]
         # every option the estimator reads is accepted, and no option it ignores
-        assert set(options) - {"overrides", "chunk_rows"} == ESTIMATOR_OPTIONS[name], name
+        assert set(options) - {"overrides"} == ESTIMATOR_OPTIONS[name], name
 
 
 # ---- dry runs ---------------------------------------------------------------------------------

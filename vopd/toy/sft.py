@@ -108,9 +108,11 @@ class SFTStream:
         self.tok = tokenizer
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mixture component per batch: equal lengths, so no compute is spent on padding."""
+        spec = self.specs[self.rng.integers(len(self.specs))]
         problems = []
         while len(problems) < size:
-            p = sample_problem(self.rng, self.specs[self.rng.integers(len(self.specs))])
+            p = sample_problem(self.rng, spec)
             if p not in self.exclude:
                 problems.append(p)
         return encode_examples(self.tok, problems)

@@ -86,7 +86,8 @@ TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vo
 
 
 def cli_flags(mapping):
-    """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1 2'."""
+    """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
+    (the vopd CLIs take lists comma-separated)."""
     parts = []
     for key, value in mapping.items():
         flag = f"--{key.replace('_', '-')}"
@@ -95,7 +96,7 @@ def cli_flags(mapping):
         if value is True:
             parts.append(flag)
         elif isinstance(value, (list, tuple)):
-            parts.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
+            parts.append(f"{flag} {shlex.quote(','.join(map(str, value)))}")
         else:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
