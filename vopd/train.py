@@ -237,8 +237,8 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
         for k, v in mb_sums.items():
             sums[k] += v
         parts.append((float(mb.mask_BT.sum()), metrics))
-    out.update({k: v / float(n_tok) for k, v in sums.items()})
-    out.update(_merge_metrics(parts))
+    out.update(_merge_metrics(parts))  # the estimator's own (adv_mean, adv_std, ...)
+    out.update({k: v / float(n_tok) for k, v in sums.items()})  # same definition for all
     return out
 
 
