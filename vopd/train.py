@@ -258,13 +258,14 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
         logp_parts.append(logp_BT)
     dist.all_reduce_grads(student.parameters())
     out["loss"] = dist.global_sum(out["loss"], device)
-    out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
-    local = _merge_metrics(parts)
+    local = _merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
     if batch.sampler_logp_BT is not None:  # the train/inference mismatch (vopd.is_correction)
         local |= is_correction.mismatch_metrics(
             torch.cat(logp_parts), batch.sampler_logp_BT, batch.mask_BT, cap=cfg.is_cap
         )
     out.update(dist.reduce_metrics(local, float(batch.mask_BT.sum()), device))
+    # kl_mean / entropy / reward_mean: one definition for every estimator, over all ranks
+    out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
     return out
 
 

@@ -37,16 +37,17 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import Tensor
 from tqdm import tqdm
 
+from vopd.batch import RolloutBatch, completion_logits, make_batch
+from vopd.config import load_config
 from vopd.estimators import (
     ESTIMATOR_OPTIONS,
     ESTIMATORS,
@@ -55,6 +56,7 @@ from vopd.estimators import (
     row_stats,
 )
 from vopd.io import read_jsonl, write_parquet
+from vopd.rollout import SamplingParams, get_backend
 
 PG_BASELINES = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")  # per-position baselines
 EXACT_ESTIMATORS = ("full_opd", "topk_opd")  # no sampled token: zero per-position variance
@@ -303,58 +305,6 @@ class GradientMoments:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches and logits.
-# TODO(merge train): replace by vopd.train.make_batch / completion_logits once they are on main.
-
-
-@dataclass
-class _Batch:
-    """Prompts left-padded, completions right-padded (every completion starts at column P);
-    the last T positions of ``input_ids_BL`` (= prompt + completion minus its last column)
-    predict ``tokens_BT``."""
-
-    input_ids_BL: Tensor
-    attention_mask_BL: Tensor
-    position_ids_BL: Tensor
-    tokens_BT: Tensor
-    mask_BT: Tensor
-
-    def rows(self, sl: slice) -> _Batch:
-        return _Batch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
-
-
-def make_batch(rollouts, pad_id: int, device) -> _Batch:
-    B = len(rollouts)
-    P = max(len(p) for p in rollouts.prompt_ids)
-    T = max(1, max(len(c) for c in rollouts.completion_ids))
-    ids_BS = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attn_BS = torch.zeros((B, P + T), dtype=torch.long)
-    for b, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)):
-        ids_BS[b, P - len(p) : P + len(c)] = torch.tensor(list(p) + list(c))
-        attn_BS[b, P - len(p) : P + len(c)] = 1
-    pos_BS = (attn_BS.cumsum(-1) - 1).clamp_min(0)  # what generate uses under left padding
-    return _Batch(
-        ids_BS[:, :-1].to(device),
-        attn_BS[:, :-1].to(device),
-        pos_BS[:, :-1].to(device),
-        ids_BS[:, P:].to(device),
-        attn_BS[:, P:].to(device),
-    )
-
-
-def completion_logits(model, batch: _Batch, V: int) -> Tensor:
-    """[B, T, V] logits; position t predicts ``batch.tokens_BT[:, t]``."""
-    out = model(
-        input_ids=batch.input_ids_BL,
-        attention_mask=batch.attention_mask_BL,
-        position_ids=batch.position_ids_BL,
-        logits_to_keep=batch.tokens_BT.shape[1],
-        use_cache=False,
-    )
-    return out.logits[..., :V]
-
-
-# ---------------------------------------------------------------------------------------------
 # The probe: K rollout batches of the same prompts, every estimator on each (common random
 # numbers), one student and one teacher forward per (micro-)batch.
 
@@ -369,7 +319,7 @@ def estimator_options(name: str, *, top_k: int, normalize: str) -> dict:
 def batch_gradients(
     student,
     teacher,
-    batch: _Batch,
+    batch: RolloutBatch,
     estimators: list[str],
     params,
     V: int,
@@ -425,8 +375,7 @@ def probe(
     prompts: list[str],
     *,
     estimators: list[str],
-    k: int,
-    seed: int,
+    seeds: list[int],
     sampling: dict,
     top_k: int,
     normalize: str = "token_mean",
@@ -437,12 +386,11 @@ def probe(
     progress: bool = True,
 ) -> dict:
     """Run both probes; return ``{"param": {estimator: {probe: value}}, "exact": {...}, ...}``.
-    Batch j's rollouts are drawn with sampler seed SeedSequence([seed, j]): the same K batches
-    for every estimator, reproducible from ``seed``."""
-    from vopd.rollout import SamplingParams, get_backend
-
+    Batch j's rollouts are drawn with sampler seed ``seeds[j]``: the same K batches for every
+    estimator (common random numbers)."""
+    k = len(seeds)
     if k < 2:
-        raise ValueError(f"k={k}: expected at least 2 rollout batches for a variance")
+        raise ValueError(f"{k} sampler seeds: expected at least 2 rollout batches for a variance")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters")
@@ -454,9 +402,8 @@ def probe(
     device = next(student.parameters()).device
     positions = 0
     times = {"rollout_s": 0.0, "gradients_s": 0.0}
-    for j in tqdm(range(k), desc="variance batches", file=sys.stderr, disable=not progress):
+    for sseed in tqdm(seeds, desc="variance batches", file=sys.stderr, disable=not progress):
         t0 = time.perf_counter()
-        sseed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
         rollouts = backend.generate(prompts, SamplingParams(**sampling, seed=sseed))
         batch = make_batch(rollouts, pad_id, device)
         t1 = time.perf_counter()
@@ -487,79 +434,19 @@ def probe(
 
 # ---------------------------------------------------------------------------------------------
 # Run directory -> rows (design.md results contract), table, CLI.
-# TODO(merge train): read the config with vopd.config.load_config and load the models with
-# vopd.train.load_models (vopd.models) once they are on main.
-
-_CONFIG_DEFAULTS = {  # vopd.config.TrainConfig defaults, for keys a config may leave out
-    "prompt_column": "prompt",
-    "top_k": 100,
-    "normalize": "token_mean",
-    "prompts_per_step": 256,
-    "samples_per_prompt": 1,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "sampling_top_k": -1,
-    "max_new_tokens": 2048,
-    "rollout_batch_size": 64,
-    "micro_batch_size": 0,
-    "seed": 42,
-    "dtype": "float32",
-    "device": "auto",
-}
 
 
-def read_run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: expected a run directory of python -m vopd.train")
-    raw = yaml.safe_load(path.read_text()) or {}
-    missing = [k for k in ("teacher", "prompts") if k not in raw]
-    if missing:
-        raise ValueError(f"{path} has no {missing}: expected a resolved vopd.train config")
-    return {**_CONFIG_DEFAULTS, **raw}
-
-
-def load_models(cfg: dict, student_dir: Path, device: torch.device):
-    """Student checkpoint (trainable: all weights, or only the LoRA adapter when the checkpoint is
-    a PEFT adapter, as the trainer trains it), frozen teacher, tokenizer, shared vocabulary V."""
-    from vopd.lora import adapter_base, is_adapter_dir
-    from vopd.models import check_vocab, load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(str(student_dir))
-    check_vocab(tokenizer, load_tokenizer(cfg["teacher"]))
-    if is_adapter_dir(student_dir):
-        from peft import PeftModel
-
-        base = load_model(adapter_base(student_dir), dtype=cfg["dtype"], device=device)
-        student = PeftModel.from_pretrained(base, str(student_dir), is_trainable=True)
-    else:
-        student = load_model(str(student_dir), dtype=cfg["dtype"], device=device)
-    teacher = load_model(cfg["teacher"], dtype=cfg["dtype"], device=device)
-    V = check_vocab(tokenizer, tokenizer, student, teacher)
-    student.train()
-    teacher.eval().requires_grad_(False)
-    for module in student.modules():  # as the trainer: dropout off (TRL disable_dropout)
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return student, teacher, tokenizer, V
-
-
-def choose_prompts(cfg: dict, m: int, seed: int, step: int) -> list[str]:
-    """M prompts of the run's training set, drawn without replacement by (seed, step)."""
-    df = pd.read_parquet(cfg["prompts"], columns=[cfg["prompt_column"]])
-    prompts = [p for p in df[cfg["prompt_column"]] if isinstance(p, str) and p.strip()]
-    if m > len(prompts):
-        raise ValueError(f"--prompts {m}: the run's prompt set has only {len(prompts)}")
-    idx = np.random.default_rng([seed, step]).choice(len(prompts), m, replace=False)
-    return [prompts[i] for i in sorted(idx)]
+def probe_seeds(seed: int, step: int, k: int) -> list[int]:
+    """Sampler seeds of the K batches: SeedSequence([seed, step, j]), never equal to the
+    trainer's own step seeds SeedSequence([seed, step])."""
+    return [int(np.random.SeedSequence([seed, step, j]).generate_state(1)[0]) for j in range(k)]
 
 
 def to_rows(result: dict, *, experiment: str, seed: int, step: int, k: int) -> list[dict]:
     rows = []
     for part in ("param", "exact"):
         for est, probes in result[part].items():
-            for name, value in probes.items():
-                rows.append({"estimator": est, "probe": name, "value": float(value)})
+            rows += [{"estimator": est, "probe": n, "value": float(v)} for n, v in probes.items()]
     for est in result["param"]:
         rows.append({"estimator": est, "probe": "k", "value": float(k)})
         rows.append(
@@ -568,6 +455,14 @@ def to_rows(result: dict, *, experiment: str, seed: int, step: int, k: int) -> l
     for est, value in result.get("adam_proxy", {}).items():
         rows.append({"estimator": est, "probe": "adam_proxy", "value": float(value)})
     return [{"experiment": experiment, "seed": seed, "step": step, **r} for r in rows]
+
+
+def adam_proxy_at(run_dir: Path, step: int, estimator: str) -> dict[str, float]:
+    """The trainer's Adam-moment proxy at ``step`` (metrics.jsonl), for the run's estimator."""
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    found = [r["adam_proxy"] for r in rows if r.get("step") == step and "adam_proxy" in r]
+    return {estimator: float(found[-1])} if found else {}  # a resumed run: the last record wins
 
 
 TABLE = (  # (probe, header, format)
@@ -599,9 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vopd.variance", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="RUN_DIR of python -m vopd.train")
     ap.add_argument("--step", type=int, required=True, help="checkpoint RUN_DIR/checkpoints/stepN")
-    ap.add_argument(
-        "--out", required=True, help="Parquet file, e.g. RUN_DIR/variance/stepN.parquet"
-    )
+    ap.add_argument("--out", required=True, help="Parquet, e.g. RUN_DIR/variance/stepN.parquet")
     ap.add_argument("--k", type=int, default=8, help="rollout batches (>= 2)")
     ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
     ap.add_argument("--prompts", type=int, help="prompts M (default: the run's prompts_per_step)")
@@ -612,59 +505,59 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact per-position probe")
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     args = ap.parse_args(argv)
+    from vopd import train  # the trainer's own seams: config, data order, model loading
 
     run_dir = Path(args.run_dir)
-    try:
-        cfg = read_run_config(run_dir)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     ckpt = run_dir / "checkpoints" / f"step{args.step}"
-    if not any((ckpt / f).is_file() for f in ("config.json", "adapter_config.json")):
-        have = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
-        raise SystemExit(f"error: no checkpoint {ckpt} (have: {have or 'none'})")
     names = [n for item in args.estimators for n in item.split(",") if n]
     names = list(ESTIMATORS) if names == ["all"] else list(dict.fromkeys(names))
-    unknown = [n for n in names if n not in ESTIMATORS]
-    if unknown or not names:
-        raise SystemExit(
-            f"error: unknown estimator(s) {unknown}: expected names from "
-            f"{list(ESTIMATORS)} or 'all'"
-        )
-    if args.k < 2:
-        raise SystemExit(f"error: --k {args.k}: expected at least 2 rollout batches")
-    m = args.prompts if args.prompts is not None else int(cfg["prompts_per_step"])
-    top_k = args.top_k if args.top_k is not None else int(cfg["top_k"])
-    if m < 1 or top_k < 1:
-        raise SystemExit(f"error: --prompts {m} / --top-k {top_k}: expected integers >= 1")
-    if float(cfg["temperature"]) != 1.0 or float(cfg["top_p"]) != 1.0 or cfg["sampling_top_k"] > 0:
-        print(
-            "warning: the run samples with temperature/top-p/top-k != off: rollouts are not "
-            "drawn from the student's distribution, so the PG estimators are biased",
-            file=sys.stderr,
-        )
-    seed = args.seed if args.seed is not None else int(cfg["seed"])
-    experiment = args.experiment or run_dir.resolve().parent.parent.name
-    device = args.device or cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        prompts = choose_prompts(cfg, m, seed, args.step)
-        student, teacher, tokenizer, V = load_models(cfg, ckpt, torch.device(device))
+        if not (run_dir / "config.yaml").is_file():
+            raise ValueError(f"{run_dir / 'config.yaml'} does not exist: expected a run directory")
+        cfg = load_config(run_dir / "config.yaml")
+        if not ckpt.is_dir():
+            have = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+            raise ValueError(f"no checkpoint {ckpt} (have: {have or 'none'})")
+        unknown = [n for n in names if n not in ESTIMATORS]
+        if unknown or not names:
+            raise ValueError(f"unknown estimator(s) {unknown}: expected {list(ESTIMATORS)} or all")
+        overrides = {
+            "seed": args.seed,
+            "top_k": args.top_k,
+            "device": args.device,
+            "micro_batch_size": args.micro_batch,
+        }
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        m = cfg.prompts_per_step if args.prompts is None else args.prompts
+        if args.k < 2 or m < 1:
+            raise ValueError(f"--k {args.k} / --prompts {m}: expected k >= 2 and prompts >= 1")
+        if (cfg.temperature, cfg.top_p, cfg.sampling_top_k) != (1.0, 1.0, -1):
+            print(
+                "warning: the run does not sample from the student's own distribution "
+                "(temperature/top_p/top_k): the PG estimators are biased",
+                file=sys.stderr,
+            )
+        all_prompts = train.load_prompts(cfg)
+        student, teacher, tokenizer, V = train.load_models(cfg, str(ckpt), train.pick_device(cfg))
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    if top_k > V:
+    top_k = min(cfg.top_k, V)
+    if cfg.top_k > V:
         print(
-            f"warning: top_k={top_k} > V={V}: capped at V (the top-k estimators then equal "
-            "their full-vocabulary versions)",
+            f"warning: top_k={cfg.top_k} > V={V}: capped at V (the top-k estimators then equal "
+            "their full-vocabulary versions); pass --top-k",
             file=sys.stderr,
         )
-        top_k = V
+    # The prompts the trainer draws at the step after this checkpoint (its seeded data order).
+    prompts = [
+        all_prompts[i] for i in train.prompt_indices(len(all_prompts), m, cfg.seed, args.step + 1)
+    ]
     sampling = {
-        "temperature": float(cfg["temperature"]),
-        "top_p": float(cfg["top_p"]),
-        "top_k": int(cfg["sampling_top_k"]),
-        "max_new_tokens": int(cfg["max_new_tokens"]),
-        "n": int(cfg["samples_per_prompt"]),
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.sampling_top_k,
+        "max_new_tokens": cfg.max_new_tokens,
+        "n": cfg.samples_per_prompt,
     }
     t0 = time.perf_counter()
     result = probe(
@@ -673,29 +566,29 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer,
         prompts,
         estimators=names,
-        k=args.k,
-        seed=seed,
+        seeds=probe_seeds(cfg.seed, args.step, args.k),
         sampling=sampling,
         top_k=top_k,
-        normalize=cfg["normalize"],
+        normalize=cfg.normalize,
         V=V,
-        micro_batch=args.micro_batch
-        if args.micro_batch is not None
-        else int(cfg["micro_batch_size"]),
+        micro_batch=cfg.micro_batch_size,
         exact=not args.no_exact,
-        rollout_batch_size=int(cfg["rollout_batch_size"]),
+        rollout_batch_size=cfg.rollout_batch_size,
     )
-    result["adam_proxy"] = _adam_proxy(run_dir, args.step, cfg.get("estimator"))
-    rows = to_rows(result, experiment=experiment, seed=seed, step=args.step, k=args.k)
+    result["adam_proxy"] = adam_proxy_at(run_dir, args.step, cfg.estimator)
+    experiment = args.experiment or run_dir.resolve().parent.parent.name
+    rows = to_rows(result, experiment=experiment, seed=cfg.seed, step=args.step, k=args.k)
     write_parquet(args.out, pd.DataFrame(rows, columns=COLUMNS))
     print(format_table(rows))
     summary = {
         "out": str(args.out),
         "experiment": experiment,
-        "seed": seed,
+        "run_estimator": cfg.estimator,
+        "seed": cfg.seed,
         "step": args.step,
         "k": args.k,
         "prompts": m,
+        "sequences_per_batch": m * cfg.samples_per_prompt,
         "positions": result["positions"],
         "params": result["params"],
         "top_k": top_k,
@@ -709,17 +602,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 COLUMNS = ["experiment", "estimator", "seed", "step", "probe", "value"]
-
-
-def _adam_proxy(run_dir: Path, step: int, estimator: str | None) -> dict[str, float]:
-    """The trainer's Adam-moment proxy at ``step`` (metrics.jsonl), for the run's estimator."""
-    path = run_dir / "metrics.jsonl"
-    if estimator is None or not path.is_file():
-        return {}
-    for row in read_jsonl(path):
-        if row.get("step") == step and row.get("adam_proxy") is not None:
-            return {estimator: float(row["adam_proxy"])}
-    return {}
 
 
 if __name__ == "__main__":

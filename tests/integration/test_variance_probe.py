@@ -83,8 +83,9 @@ def test_same_seed_same_numbers_and_estimators_subset(run_dir):
     [
         (["--step", "7"], "no checkpoint"),
         (["--estimators", "nope"], "unknown estimator"),
-        (["--k", "1"], "at least 2"),
-        (["--prompts", "100000"], "has only"),
+        (["--k", "1"], "k >= 2"),
+        (["--prompts", "0"], "prompts >= 1"),
+        (["--top-k", "0"], "top_k"),
     ],
 )
 def test_bad_input_fails_before_work(run_dir, args, message):
