@@ -3,7 +3,7 @@ same number of steps, mean ± std over seeds and paired differences against samp
 
     python benchmarks/toy_opd_sweep.py --world resources/toy --out results/toy_sweep \\
         [--config config/train/toy.yaml] [--seeds 0 1 2] [--estimators vopd sample_opd ...] \\
-        [key=value ...]
+        [--set key=value ...]
 
 Runs go to OUT/{estimator}/seed{seed}/ through ``vopd.train.train`` (in one process, so start-up
 is paid once; each run is resumable and skipped when finished). After training, the final
@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="sweep directory")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS))
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="config overrides for every run")  # fmt: skip
     args = parser.parse_args(argv)
     world, out = Path(args.world), Path(args.out)
     benchmarks = {
