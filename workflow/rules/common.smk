@@ -89,7 +89,7 @@ def cli_flags(mapping):
     """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
     (the vopd CLIs take lists comma-separated)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
         flag = f"--{key.replace('_', '-')}"
         if value is None or value is False:
             continue
@@ -105,7 +105,7 @@ def cli_flags(mapping):
 def key_values(mapping):
     """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
         parts.append(shlex.quote(f"{key}={text}"))
     return " ".join(parts)

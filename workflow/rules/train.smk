@@ -24,4 +24,4 @@ rule train:
         overrides=train_overrides,
     shell:
         "OMP_NUM_THREADS={threads} python -m vopd.train --config {input.config}"
-        " --out {params.run_dir} {params.overrides} >> {log} 2>&1"
+        " --out {params.run_dir} {params.overrides} > {log} 2>&1"
