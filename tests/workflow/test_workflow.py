@@ -210,12 +210,11 @@ def test_smoke_run_produces_the_results_contract(smoke):
 
 def test_snakemake_report_has_a_caption_per_figure(smoke):
     root, _ = smoke
-    snakemake("--configfile", SMOKE, "--report", "report.zip", cwd=root, env=env_for(root))
-    assert (root / "report.zip").stat().st_size > 10_000
-    # the report's captions are rendered from workflow/report/*.rst
-    listing = subprocess.run(["unzip", "-l", "report.zip"], cwd=root, capture_output=True)
-    if listing.returncode == 0:
-        assert b"accuracy.png" in listing.stdout
+    snakemake("--configfile", SMOKE, "--report", "report.html", cwd=root, env=env_for(root))
+    html = (root / "report.html").read_text()
+    # one caption per figure, rendered from workflow/report/*.rst
+    for caption in ("Held-out accuracy", "Training curves", "Gradient variance", "Cost of each"):
+        assert caption in html, caption
 
 
 def test_rerun_has_nothing_to_do(smoke):

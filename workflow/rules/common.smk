@@ -240,11 +240,11 @@ def run_sampling_flags(wildcards):
     """Each training seed samples its evaluation with its own (deterministic) seed."""
     settings = sampling(wildcards.benchmark)
     settings["seed"] = settings["seed"] + int(wildcards.seed)
-    return cli_flags(settings)
+    return cli_flags({**config["eval"]["args"], **settings})
 
 
 def reference_sampling_flags(wildcards):
-    return cli_flags(sampling(wildcards.benchmark))
+    return cli_flags({**config["eval"]["args"], **sampling(wildcards.benchmark)})
 
 
 def checkpoint_flags(wildcards, input):
