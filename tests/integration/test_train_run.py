@@ -1,0 +1,214 @@
+"""``python -m vopd.train`` end to end on tiny models: run-directory contract, kill-and-resume
+equals an uninterrupted run, and every bad input fails before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import save_model, tiny_llama
+from safetensors.torch import load_file
+
+from vopd.config import load_config
+from vopd.io import read_jsonl
+from vopd.train import main, train
+
+pytestmark = pytest.mark.integration
+
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "reward_mean",
+    "kl_mean",
+    "adv_mean",
+    "adv_std",
+    "grad_norm",
+    "response_len",
+    "entropy",
+    "adam_proxy",
+    "time_rollout_s",
+    "time_teacher_s",
+    "time_update_s",
+    "step_s",
+    "tokens_per_s",
+}
+TIMING = {"time_rollout_s", "time_teacher_s", "time_update_s", "step_s", "tokens_per_s"}
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step{step}" / "model.safetensors")
+
+
+def _numbers(run: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run / "metrics.jsonl")
+    ]
+
+
+def _assert_same_run(a: Path, b: Path, steps: int) -> None:
+    assert _numbers(a) == _numbers(b)  # exactly: every loss, KL, grad norm, Adam proxy
+    assert len(_numbers(a)) == steps
+    wa, wb = _weights(a, steps), _weights(b, steps)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_directory_contract(run_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(
+        ["--config", str(run_config(max_steps=3, save_every=2)), "--out", str(run), "--no-progress"]
+    )
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["steps"] == 3 and final["checkpoints"] == [0, 2, 3]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(r) >= METRIC_KEYS
+        assert r["step_s"] >= r["time_rollout_s"] + r["time_teacher_s"]
+    assert load_config(run / "config.yaml").max_steps == 3
+    env = json.loads((run / "env.json").read_text())
+    assert env["packages"]["torch"] and "git" in env
+    for step in (0, 2, 3):
+        d = run / "checkpoints" / f"step{step}"
+        assert (d / "config.json").exists() and (d / "tokenizer.json").exists()
+    assert (run / "checkpoints" / "step3" / "trainer_state.pt").exists()
+    assert not (run / "checkpoints" / "step2" / "trainer_state.pt").exists()  # pruned
+    # step0 is the initial student, bit for bit
+    init = load_file(Path(load_config(run / "config.yaml").student) / "model.safetensors")
+    assert all(torch.equal(init[k], _weights(run, 0)[k]) for k in init)
+    assert not all(torch.equal(init[k], _weights(run, 3)[k]) for k in init)
+    # a finished run is not redone
+    mtime = (run / "metrics.jsonl").stat().st_mtime
+    assert train(load_config(run / "config.yaml"), run, progress=False)["steps"] == 3
+    assert (run / "metrics.jsonl").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # on a checkpoint, and one step past it
+def test_resume_equals_uninterrupted(run_config, tmp_path, stop_after):
+    cfg = load_config(run_config(max_steps=5, save_every=2, estimator="sample_opd"))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg, full, progress=False)
+    train(cfg, cut, progress=False, stop_after=stop_after)
+    assert not (cut / "done.json").exists()
+    assert len(read_jsonl(cut / "metrics.jsonl")) == stop_after
+    train(cfg, cut, progress=False)
+    _assert_same_run(full, cut, 5)
+    assert read_jsonl(cut / "resumes.jsonl")[0]["from_step"] == 2
+
+
+def test_sigkill_and_rerun_equals_uninterrupted(run_config, tmp_path):
+    """A real kill -9 of the CLI mid-run, then the same command again."""
+    config = run_config(max_steps=60, save_every=10, prompts_per_step=16, max_new_tokens=16)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(load_config(config), full, progress=False)
+    cmd = [sys.executable, "-m", "vopd.train", "--config", str(config), "--out", str(killed)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_jsonl(metrics)) >= 12:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "done.json").exists()
+    done_before = len(read_jsonl(metrics))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 60
+    _assert_same_run(full, killed, 60)
+    assert read_jsonl(killed / "resumes.jsonl")[0]["from_step"] <= done_before
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear message, nothing trained, nothing written.
+
+
+def _fails(run_config, tmp_path, match, **overrides):
+    run = tmp_path / "bad"
+    with pytest.raises(SystemExit, match=match):
+        main(["--config", str(run_config(**overrides)), "--out", str(run), "--no-progress"])
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    assert not (run / "config.yaml").exists()
+
+
+def test_unknown_estimator(run_config, tmp_path):
+    _fails(run_config, tmp_path, "estimator='vopd_fast': expected one of", estimator="vopd_fast")
+
+
+def test_unknown_key(run_config, tmp_path):
+    _fails(run_config, tmp_path, "unknown config key 'kl_top_k'", kl_top_k=4)
+
+
+def test_out_of_range(run_config, tmp_path):
+    _fails(run_config, tmp_path, r"lr=-0.1: expected a value in \(0", lr=-0.1)
+
+
+def test_missing_model_path(run_config, tmp_path):
+    missing = str(tmp_path / "models" / "studnet")
+    _fails(run_config, tmp_path, f"model path '{missing}' does not exist", student=missing)
+
+
+@pytest.mark.parametrize("estimator", ["vopd_topk", "topk_opd"])
+def test_top_k_at_or_above_the_toy_vocabulary(run_config, tmp_path, estimator):
+    _fails(run_config, tmp_path, "top_k=27 >= vocabulary size 27", estimator=estimator, top_k=27)
+    _fails(run_config, tmp_path, "top_k=100 >= vocabulary size 27", estimator=estimator, top_k=100)
+
+
+def test_empty_prompt_set(run_config, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(empty)
+    _fails(run_config, tmp_path, "holds no non-empty prompts", prompts=str(empty))
+    _fails(run_config, tmp_path, "has no column 'question'", prompt_column="question")
+
+
+def test_vocabulary_mismatch(run_config, tmp_path, tiny_models, toy_tokenizer):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer.from_str(toy_tokenizer.backend_tokenizer.to_str())
+    vocab = core.get_vocab()
+    vocab["A"], vocab["B"] = vocab.pop("x"), vocab.pop("b")  # two characters renamed
+    data = json.loads(core.to_str())
+    data["model"]["vocab"] = vocab
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    teacher = save_model(tiny_llama(other, 1), other, tmp_path / "other_teacher")
+    _fails(run_config, tmp_path, "student and teacher vocabularies differ", teacher=str(teacher))
+
+
+def test_config_change_on_rerun_is_refused(run_config, tmp_path):
+    run = tmp_path / "run"
+    main(["--config", str(run_config(max_steps=1)), "--out", str(run), "--no-progress"])
+    (run / "done.json").unlink()
+    with pytest.raises(SystemExit, match="holds a run with a different config"):
+        main(["--config", str(run_config(max_steps=1, lr=2e-3)), "--out", str(run)])
+
+
+def test_nan_loss_stops_the_run_naming_step_and_estimator(run_config, tmp_path, tiny_models):
+    from vopd.models import load_model, load_tokenizer
+
+    teacher = load_model(str(tiny_models["teacher"]))
+    with torch.no_grad():
+        teacher.model.norm.weight.fill_(float("nan"))
+    bad = save_model(teacher, load_tokenizer(str(tiny_models["teacher"])), tmp_path / "nan_t")
+    run = tmp_path / "nan"
+    config = run_config(teacher=str(bad), estimator="vopd_topk")
+    with pytest.raises(SystemExit, match=r"step 1, estimator 'vopd_topk': non-finite loss"):
+        main(["--config", str(config), "--out", str(run), "--no-progress"])
+    assert not (run / "done.json").exists() and not (run / "metrics.jsonl").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["teacher"] == str(bad)

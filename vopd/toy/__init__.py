@@ -1,0 +1,9 @@
+"""The toy world: the embedded default scale (offline, CPU, minutes).
+
+- :mod:`vopd.toy.tokenizer`: the 27-token character tokenizer (a real transformers tokenizer).
+- :mod:`vopd.toy.world`: the seeded arithmetic generator, worked solutions, disjoint splits.
+- :mod:`vopd.toy.sft`: teacher and student (``LlamaForCausalLM`` from a config) trained by SFT.
+
+    python -m vopd.toy world --out resources/toy
+    python -m vopd.toy sft --world resources/toy --out resources/toy/models
+"""

@@ -1,0 +1,108 @@
+"""Command line of the toy world.
+
+    python -m vopd.toy world --out resources/toy [--seed 0 --n-train 8192 --n-test 1000 ...]
+    python -m vopd.toy sft --world resources/toy --out resources/toy/models [--steps 1500 ...]
+
+``world`` writes the tokenizer, prompt splits, benchmarks and world.json (see
+:mod:`vopd.toy.world`); ``sft`` trains the teacher and the student (see :mod:`vopd.toy.sft`).
+Both print a short table and one final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _world(args) -> dict:
+    from vopd.toy.world import ProblemSpec, WorldSpec, write_world
+
+    spec = WorldSpec(
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        n_hard=args.n_hard,
+        train=ProblemSpec(n_terms=args.terms, digits=args.digits, ops=args.ops),
+        hard=ProblemSpec(n_terms=args.hard_terms, digits=args.digits, ops=args.ops),
+        sft_terms=tuple(args.sft_terms),
+    )
+    world = write_world(args.out, spec)
+    for name, n in world["sizes"].items():
+        print(f"{name:>10}  {n:6d} problems")
+    ex = world["example"]
+    print(f"   example  {ex['prompt']} -> {ex['completion']}")
+    return {"out": str(args.out), **world["sizes"], "vocab_size": world["vocab_size"]}
+
+
+def _sft(args) -> dict:
+    from vopd.toy.sft import run_sft
+
+    summary = run_sft(
+        args.world,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_size=args.eval_size,
+        student_em=args.student_em,
+        teacher_em=args.teacher_em,
+    )
+    acc = summary["greedy_accuracy"]
+    print(f"{'model':>8}  {'step':>5}  {'toy_test':>8}  {'toy_hard':>8}")
+    for role in ("teacher", "student"):
+        print(
+            f"{role:>8}  {summary[role]['step']:5d}  {acc[f'{role}/toy_test']:8.3f}  "
+            f"{acc[f'{role}/toy_hard']:8.3f}"
+        )
+    print(
+        f"sft {summary['time_s']['sft_total']:.1f} s, eval {summary['time_s']['final_eval']:.1f} s"
+    )
+    return {"out": str(args.out), **acc, **{f"time_{k}_s": v for k, v in summary["time_s"].items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vopd.toy", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("world", help="write tokenizer, prompt splits, benchmarks, world.json")
+    w.add_argument("--out", required=True, help="world directory, e.g. resources/toy")
+    w.add_argument("--seed", type=int, default=0, help="generator seed")
+    w.add_argument("--n-train", type=int, default=8192, help="OPD training prompts")
+    w.add_argument("--n-val", type=int, default=512, help="SFT checkpoint-selection problems")
+    w.add_argument("--n-test", type=int, default=1000, help="toy_test problems (in distribution)")
+    w.add_argument("--n-hard", type=int, default=500, help="toy_hard problems (longer chains)")
+    w.add_argument("--terms", type=int, default=3, help="terms per train/test problem")
+    w.add_argument("--hard-terms", type=int, default=4, help="terms per toy_hard problem")
+    w.add_argument("--digits", type=int, default=2, help="digits per term")
+    w.add_argument("--ops", default="+", help="operators to draw from, a subset of '+-*'")
+    w.add_argument("--sft-terms", type=int, nargs="+", default=[2, 3, 4], help="SFT mixture: terms")
+
+    s = sub.add_parser("sft", help="train teacher and student by SFT")
+    s.add_argument("--world", required=True, help="world directory written by `world`")
+    s.add_argument("--out", required=True, help="output directory for teacher/ and student/")
+    s.add_argument("--steps", type=int, default=1500, help="max optimizer steps")
+    s.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    s.add_argument("--seed", type=int, default=0, help="init and data seed")
+    s.add_argument("--eval-every", type=int, default=20, help="steps between val evaluations")
+    s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
+    s.add_argument(
+        "--student-em", type=float, default=0.55, help="target val exact match of the student"
+    )
+    s.add_argument("--teacher-em", type=float, default=0.97, help="early-stop val exact match")
+
+    args = parser.parse_args(argv)
+    try:
+        result = _world(args) if args.cmd == "world" else _sft(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
