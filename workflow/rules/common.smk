@@ -198,6 +198,14 @@ def train_inputs(wildcards):
     }
 
 
+def train_launcher(wildcards, resources):
+    """`python -m`, or torchrun with one process per GPU when a profile sets the train rule's
+    `nproc` resource above 1 (profiles/slurm: the paper's 4 processes)."""
+    if resources.nproc > 1:
+        return f"torchrun --standalone --nproc-per-node {resources.nproc} -m"
+    return "python -m"
+
+
 def run_dir(wildcards, output):
     return os.path.dirname(output.done)
 
