@@ -89,7 +89,7 @@ def cli_flags(mapping):
     """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
     (the vopd CLIs take lists comma-separated)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
         flag = f"--{key.replace('_', '-')}"
         if value is None or value is False:
             continue
@@ -105,7 +105,7 @@ def cli_flags(mapping):
 def key_values(mapping):
     """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
         parts.append(shlex.quote(f"{key}={text}"))
     return " ".join(parts)
@@ -198,6 +198,14 @@ def train_inputs(wildcards):
     }
 
 
+def train_launcher(wildcards, resources):
+    """`python -m`, or torchrun with one process per GPU when a profile sets the train rule's
+    `nproc` resource above 1 (profiles/slurm: the paper's 4 processes)."""
+    if resources.nproc > 1:
+        return f"torchrun --standalone --nproc-per-node {resources.nproc} -m"
+    return "python -m"
+
+
 def run_dir(wildcards, output):
     return os.path.dirname(output.done)
 
@@ -240,11 +248,11 @@ def run_sampling_flags(wildcards):
     """Each training seed samples its evaluation with its own (deterministic) seed."""
     settings = sampling(wildcards.benchmark)
     settings["seed"] = settings["seed"] + int(wildcards.seed)
-    return cli_flags(settings)
+    return cli_flags({**config["eval"]["args"], **settings})
 
 
 def reference_sampling_flags(wildcards):
-    return cli_flags(sampling(wildcards.benchmark))
+    return cli_flags({**config["eval"]["args"], **sampling(wildcards.benchmark)})
 
 
 def checkpoint_flags(wildcards, input):
