@@ -73,47 +73,48 @@ def row_stats(
     entropy: bool = False,
     chunk_rows: int | None = None,
 ) -> dict[str, Tensor]:
-    """Per-row statistics (in ``acc_dtype``) of flattened logits [N, V]: ``lse_p``, ``logp_y``,
-    ``logq_y``, and on request ``kl`` (KL_t), ``entropy`` (H(p)) and ``b_opt`` (b*_t below).
+    """Per-row statistics (in ``acc_dtype``) of flattened logits [N, V] s (student), t (teacher):
+    ``lse_p``, ``lse_q``, ``logp_y``, ``logq_y``, and on request ``kl``, ``entropy``, ``b_opt``.
 
-    b*_t = Σ_v p(v) w_v r(v) / Σ_v p(v) w_v with w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)², the
-    constant that minimises E_y‖(r(y) − b) ∇_z log p(y)‖² in logit space (beyond the paper). When
-    p is one-hot Σ p w = 0 and every ∇_z log p(y) vanishes; −KL_t is used there.
+    One exponential per model and row: with e = exp(s − max s), Z = Σe, p = e/Z and d = s − t,
+        KL_t = Σ_v p (log p − log q) = ⟨e, d⟩/Z − lse_p + lse_q,
+        H_t  = −Σ_v p log p         = lse_p − ⟨e, s⟩/Z.
+    b*_t = Σ_v p w_v r(v) / Σ_v p w_v with w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)², the constant
+    that minimises E_y‖(r(y) − b) ∇_z log p(y)‖² in logit space (beyond the paper). With
+    P2 = Σ p², Σ p w r = −(1 + P2)·KL − 2 Σ p² r and Σ p w = 1 − P2. When p is one-hot that
+    denominator is 0 and every ∇_z log p(y) vanishes; −KL_t is used there.
     """
     N, V = student_NV.shape
     rows = _chunk_rows(V, chunk_rows)
     acc = acc_dtype(student_NV.dtype)
-    out = {k: student_NV.new_empty(N, dtype=acc) for k in ("lse_p", "logp_y", "logq_y")}
-    extra = [k for k, on in (("kl", kl or opt_baseline), ("entropy", entropy)) if on]
-    extra += ["b_opt"] if opt_baseline else []
-    out.update({k: student_NV.new_empty(N, dtype=acc) for k in extra})
+    names = ["lse_p", "lse_q", "logp_y", "logq_y"]
+    names += [k for k, on in (("kl", kl or opt_baseline), ("entropy", entropy)) if on]
+    names += ["b_opt"] if opt_baseline else []
+    out = {k: student_NV.new_empty(N, dtype=acc) for k in names}
     for a in range(0, N, rows):
-        s, t, y = (
-            student_NV[a : a + rows].to(acc),
-            teacher_NV[a : a + rows].to(acc),
-            tokens_N[a : a + rows],
-        )
-        lse_p = torch.logsumexp(s, -1)
-        out["lse_p"][a : a + rows] = lse_p
-        out["logp_y"][a : a + rows] = s.gather(-1, y[:, None])[:, 0] - lse_p
-        if not extra:
-            out["logq_y"][a : a + rows] = t.gather(-1, y[:, None])[:, 0] - torch.logsumexp(t, -1)
+        sl = slice(a, a + rows)
+        s, t, y = student_NV[sl].to(acc), teacher_NV[sl].to(acc), tokens_N[sl, None]
+        max_s = s.amax(-1, keepdim=True)
+        e = (s - max_s).exp_()
+        z = e.sum(-1)
+        lse_p, lse_q = max_s[:, 0] + z.log(), torch.logsumexp(t, -1)
+        out["lse_p"][sl], out["lse_q"][sl] = lse_p, lse_q
+        out["logp_y"][sl] = s.gather(-1, y)[:, 0] - lse_p
+        out["logq_y"][sl] = t.gather(-1, y)[:, 0] - lse_q
+        if entropy:
+            out["entropy"][sl] = lse_p - torch.linalg.vecdot(e, s) / z
+        if "kl" not in out:
             continue
-        logp, logq = s - lse_p[:, None], torch.log_softmax(t, -1)
-        out["logq_y"][a : a + rows] = logq.gather(-1, y[:, None])[:, 0]
-        p = logp.exp()
-        if "entropy" in out:
-            out["entropy"][a : a + rows] = -(p * logp).sum(-1)
-        diff = logp.sub_(logq)  # log p − log q, in place: logp is not needed again
-        kl_rows = (p * diff).sum(-1)
-        out["kl"][a : a + rows] = kl_rows
+        d = s - t
+        kl_rows = torch.linalg.vecdot(e, d) / z - lse_p + lse_q
+        out["kl"][sl] = kl_rows
         if opt_baseline:
-            w = (p * p).sum(-1, keepdim=True) + 1.0 - 2.0 * p  # ‖e_v − p‖²
-            den = (p * w).sum(-1)
-            num = -(p * w * diff).sum(-1)  # r(v) = −diff
-            out["b_opt"][a : a + rows] = torch.where(
-                den > 1e-12, num / den.clamp_min(1e-12), -kl_rows
-            )
+            p = e.div_(z[:, None])
+            sum_p2 = torch.linalg.vecdot(p, p)
+            sum_p2_d = torch.linalg.vecdot(d.mul_(p), p)  # d is not needed again: reuse it
+            sum_p2_r = sum_p2 * (lse_p - lse_q) - sum_p2_d  # Σ p² r, r = −d − lse_q + lse_p
+            num, den = -(1.0 + sum_p2) * kl_rows - 2.0 * sum_p2_r, 1.0 - sum_p2
+            out["b_opt"][sl] = torch.where(den > 1e-12, num / den.clamp_min(1e-12), -kl_rows)
     return out
 
 
@@ -157,31 +158,29 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 
 class _ReverseKL(torch.autograd.Function):
-    """KL_n = Σ_v p (log p − log q); backward writes g_n p (log p − log q − KL_n) by chunks."""
+    """KL_n = Σ_v p (log p − log q); backward writes g_n p (log p − log q − KL_n) by chunks, with
+    log p − log q = (s − t) − lse_p + lse_q from the forward's row statistics."""
 
     @staticmethod
     def forward(ctx, student_NV, teacher_NV, chunk_rows):
-        kl_N = row_stats(
-            student_NV,
-            teacher_NV,
-            torch.zeros_like(student_NV[:, 0], dtype=torch.long),
-            kl=True,
-            chunk_rows=chunk_rows,
-        )["kl"]
-        ctx.save_for_backward(student_NV, teacher_NV, kl_N)
+        dummy_N = torch.zeros(student_NV.shape[0], dtype=torch.long, device=student_NV.device)
+        st = row_stats(student_NV, teacher_NV, dummy_N, kl=True, chunk_rows=chunk_rows)
+        ctx.save_for_backward(student_NV, teacher_NV, st["kl"], st["lse_p"], st["lse_q"])
         ctx.chunk_rows = chunk_rows
-        return kl_N
+        return st["kl"]
 
     @staticmethod
     def backward(ctx, grad_N):
-        student_NV, teacher_NV, kl_N = ctx.saved_tensors
+        student_NV, teacher_NV, kl_N, lse_p, lse_q = ctx.saved_tensors
         rows = _chunk_rows(student_NV.shape[1], ctx.chunk_rows)
+        shift_N = lse_p - lse_q + kl_N
         grad_NV = torch.empty_like(student_NV)
         for a in range(0, student_NV.shape[0], rows):
-            logp = torch.log_softmax(student_NV[a : a + rows].to(kl_N.dtype), -1)
-            diff = logp - torch.log_softmax(teacher_NV[a : a + rows].to(kl_N.dtype), -1)
-            diff.sub_(kl_N[a : a + rows, None]).mul_(logp.exp_()).mul_(grad_N[a : a + rows, None])
-            grad_NV[a : a + rows] = diff
+            sl = slice(a, a + rows)
+            s = student_NV[sl].to(kl_N.dtype)
+            p = (s - lse_p[sl, None]).exp_()
+            diff = (s - teacher_NV[sl].to(kl_N.dtype)).sub_(shift_N[sl, None])
+            grad_NV[sl] = diff.mul_(p).mul_(grad_N[sl, None])
         return grad_NV, None, None
 
 
@@ -326,18 +325,25 @@ def _wmean_std(x_BT: Tensor, m_BT: Tensor) -> tuple[float, float]:
 
 
 def _pg(
-    student, teacher, tokens, mask, normalize, chunk_rows, baseline, clip_floor=None, detach=True
+    student,
+    teacher,
+    tokens,
+    mask,
+    normalize,
+    chunk_rows,
+    baseline,
+    *,
+    top_k=None,
+    clip_floor=None,
+    detach=True,
 ):
     """Shared body: advantage A_t = r_t − b_t, loss gradient −Σ w_t A_t ∇log p(y_t).
 
-    ``baseline`` is None, "kl", "topk:{k}" or "opt". The top-k baseline is −KL(p̃‖q̃) (§1.6)."""
+    ``baseline`` is None, "kl", "topk" (with ``top_k``) or "opt". The top-k baseline is −KL(p̃‖q̃)
+    (§1.6)."""
     m_BT = _check(student, teacher, tokens, mask, normalize)
     B, T, V = student.shape
-    k = (
-        _check_top_k(int(baseline.split(":")[1]), V)
-        if baseline and baseline.startswith("topk")
-        else 0
-    )
+    k = _check_top_k(top_k, V) if baseline == "topk" else 0
     w_BT = _weights(m_BT, normalize)
     y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
     st = row_stats(
@@ -360,11 +366,13 @@ def _pg(
         with torch.no_grad():
             ids_BTK = topk_ids(_flat(student), k, chunk_rows=chunk_rows).view(B, T, k)
             b_BT = -reverse_kl_topk(student, teacher, k, ids_BTK=ids_BTK)
-            lse_q = _lse(_flat(teacher), _chunk_rows(V, chunk_rows)).view(B, T)
-            mass_p = torch.logsumexp(student.gather(-1, ids_BTK).to(lse_q.dtype), -1) - st[
-                "lse_p"
-            ].view(B, T)
-            mass_q = torch.logsumexp(teacher.gather(-1, ids_BTK).to(lse_q.dtype), -1) - lse_q
+            acc = st["lse_p"].dtype
+            mass_p = torch.logsumexp(student.gather(-1, ids_BTK).to(acc), -1) - st["lse_p"].view(
+                B, T
+            )
+            mass_q = torch.logsumexp(teacher.gather(-1, ids_BTK).to(acc), -1) - st["lse_q"].view(
+                B, T
+            )
         metrics |= {
             "kl_topk_mean": _wmean_std(-b_BT, m_BT)[0],
             "student_mass": _wmean_std(mass_p.exp(), m_BT)[0],
@@ -468,7 +476,8 @@ def vopd_topk(
         mask_BT,
         normalize,
         chunk_rows,
-        f"topk:{top_k}",
+        "topk",
+        top_k=top_k,
     )
 
 

@@ -2,6 +2,9 @@
 two into a gradient (arXiv 2605.07865; estimators in :mod:`vopd.estimators`).
 
     python -m vopd.train --config config/train/toy.yaml --out results/toy/vopd/seed0 [key=value ...]
+    torchrun --nproc-per-node 4 -m vopd.train --config config/train/paper.yaml --out RUN_DIR
+
+GPU scale (LoRA, bf16, vLLM rollouts, several processes): docs/scale.md.
 
 Each optimizer step:
 
@@ -15,9 +18,9 @@ Each optimizer step:
 
 Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; reference-semantics.md):
 - the student forward runs once, not twice (the official code recomputes log p in a second pass);
-- no PPO ratio / clip and no vLLM importance-sampling weight: with one update per rollout batch
-  the ratio is 1 and clipping is inactive (ref-sem §0); the hf backend samples from the exact
-  training policy, so there is nothing to correct;
+- no PPO ratio / clip: with one update per rollout batch the ratio is 1 and clipping is
+  inactive (ref-sem §0). The vLLM importance-sampling weight is an option (``is_correction``,
+  vopd.is_correction; the hf backend samples the exact training policy: nothing to correct);
 - every estimator shares one normalisation (``normalize``); the official Full OPD runs at 64x
   the PG methods' scale (ref-sem §1). ``detach_reward=False`` reproduces the released sample-OPD
   advantage.
@@ -45,13 +48,17 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vopd import checkpoint as ckpt
+from vopd import distributed as dist
+from vopd import is_correction, policy
 from vopd.batch import RolloutBatch, completion_logits, make_batch
+from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
 from vopd.estimators import ESTIMATORS, row_stats
 from vopd.gradstats import adam_moment_proxy
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
-from vopd.models import check_vocab, load_model, load_tokenizer, resolve_model_path
-from vopd.rollout import SamplingParams, get_backend
+from vopd.models import load_model, load_tokenizer, resolve_model_path
+from vopd.rollout import SamplingParams
+from vopd.vocab import logit_rows, shared_vocab
 
 TOPK_ESTIMATORS = ("vopd_topk", "topk_opd")
 
@@ -99,24 +106,26 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def load_models(cfg: TrainConfig, student_path: str, device: torch.device):
-    """Student (trainable, dropout off), frozen teacher (eval mode), tokenizer, shared vocab V."""
+def load_models(cfg: TrainConfig, student_path: str, device: torch.device, *, adapter=None):
+    """Student (trainable: full or LoRA, ``adapter`` resumed; dropout off), frozen teacher (eval
+    mode), tokenizer, shared vocab V (vopd.vocab: one tokenizer, logits sliced to shared rows)."""
     for path in (student_path, cfg.teacher):
         resolve_model_path(path)  # a missing path fails before anything is loaded
-    tokenizer, teacher_tokenizer = load_tokenizer(student_path), load_tokenizer(cfg.teacher)
-    check_vocab(tokenizer, teacher_tokenizer)  # before loading any weights
-    student = load_model(student_path, dtype=cfg.dtype, device=device)
+    tokenizer, teacher_tok = load_tokenizer(student_path), load_tokenizer(cfg.teacher)
+    shared_vocab(tokenizer, teacher_tok)  # a tokenizer mismatch fails before weights load
+    student = load_model(student_path, dtype=policy.student_dtype(cfg), device=device)
     teacher = load_model(cfg.teacher, dtype=cfg.dtype, device=device)
-    V = check_vocab(tokenizer, teacher_tokenizer, student, teacher)
+    plan = shared_vocab(tokenizer, teacher_tok, logit_rows(student), logit_rows(teacher))
+    for note in plan.notes:
+        print(f"vocab: {note}", file=sys.stderr)
+    V = plan.rows
     if cfg.estimator in TOPK_ESTIMATORS and cfg.top_k >= V:
         raise ValueError(
             f"top_k={cfg.top_k} >= vocabulary size {V}: estimator {cfg.estimator!r} would cover "
             f"the whole vocabulary; set top_k < {V}"
         )
     teacher.eval().requires_grad_(False)
-    for module in student.modules():  # official TRL disable_dropout=True
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    student = policy.prepare_student(cfg, student, adapter=adapter)  # LoRA/full, dropout off
     student.train()
     return student, teacher, tokenizer, V
 
@@ -178,13 +187,13 @@ def step_seed(seed: int, step: int) -> int:
 # The loss: one forward per model, logits on completion positions only.
 
 
-def compute_loss(student, teacher_logits_BTV, batch: RolloutBatch, estimator: str, options, V):
-    """The estimator's loss on one (micro-)batch and its metrics, plus the no-grad diagnostics
-    (KL, entropy, reward) over the same positions, from the same logits."""
-    logits_BTV = completion_logits(student, batch, V)
-    loss, metrics = ESTIMATORS[estimator](
-        logits_BTV, teacher_logits_BTV, batch.tokens_BT, batch.mask_BT, **options
-    )
+def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBatch, V: int):
+    """The estimator's loss on one (micro-)batch and its metrics, the no-grad diagnostics (KL,
+    entropy, reward, log p(y)) from the same logits, and the loss weights m' it used as its mask
+    (vopd.distributed.loss_weights: the normalisation times the optional IS weight)."""
+    with policy.autocast(cfg, batch.tokens_BT.device):
+        logits_BTV = completion_logits(student, batch, V)
+    B, T = batch.tokens_BT.shape
     y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
     st = row_stats(
         logits_BTV.detach().reshape(-1, V),
@@ -193,26 +202,38 @@ def compute_loss(student, teacher_logits_BTV, batch: RolloutBatch, estimator: st
         kl=True,
         entropy=True,
     )
+    logp_BT = st["logp_y"].view(B, T)
+    w_B = is_correction.step_weights(
+        cfg.estimator, cfg.is_correction, logp_BT, batch.sampler_logp_BT, batch.mask_BT,
+        cap=cfg.is_cap,
+    )  # fmt: skip
+    weights_BT = dist.loss_weights(batch.mask_BT, cfg.normalize, w_B)
+    options = {**cfg.estimator_options(), "normalize": "token_mean"}
+    loss, metrics = ESTIMATORS[cfg.estimator](
+        logits_BTV, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
+    )
     m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
     sums = {
         "kl_mean": float((st["kl"] * m_N).sum()),
         "entropy": float((st["entropy"] * m_N).sum()),
         "reward_mean": float(((st["logq_y"] - st["logp_y"]) * m_N).sum()),
     }
-    return loss, metrics, sums
+    return loss, metrics, sums, weights_BT, logp_BT
 
 
 def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, sync) -> dict:
-    """Forward/backward over micro-batches; the summed loss is the estimator's loss on the whole
-    batch (token_mean: weight each micro-batch by its share of tokens; seq_mean: of sequences)."""
+    """Forward/backward over micro-batches (and ranks); the summed loss is the estimator's loss on
+    the whole global batch: each micro-batch's token-mean loss is scaled by Σm'/D, with D the
+    token count (token_mean) or non-empty sequence count (seq_mean) summed over all ranks
+    (vopd.distributed). Gradients are summed over ranks once, at the end."""
     B = batch.tokens_BT.shape[0]
     micro = cfg.micro_batch_size or B
-    n_tok = batch.mask_BT.sum().clamp_min(1)
-    n_seq = (batch.mask_BT.sum(-1) > 0).sum().clamp_min(1)
-    options = cfg.estimator_options()
+    device = batch.tokens_BT.device
+    denom = dist.global_sum(dist.local_denominator(batch.mask_BT, cfg.normalize), device)
+    n_tok = max(dist.global_sum(float(batch.mask_BT.sum()), device), 1.0)
     out = {"loss": 0.0, "time_teacher_s": 0.0, "time_update_s": 0.0}
     sums = {"kl_mean": 0.0, "entropy": 0.0, "reward_mean": 0.0}
-    parts = []
+    parts, logp_parts = [], []
     for a in range(0, B, micro):
         mb = batch.rows(slice(a, a + micro))
         t0 = time.perf_counter()
@@ -220,13 +241,10 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
             teacher_logits_BTV = completion_logits(teacher, mb, V)
         sync()
         t1 = time.perf_counter()
-        loss, metrics, mb_sums = compute_loss(
-            student, teacher_logits_BTV, mb, cfg.estimator, options, V
+        loss, metrics, mb_sums, weights_BT, logp_BT = compute_loss(
+            cfg, student, teacher_logits_BTV, mb, V
         )
-        if cfg.normalize == "token_mean":
-            scale = mb.mask_BT.sum() / n_tok
-        else:
-            scale = (mb.mask_BT.sum(-1) > 0).sum() / n_seq
+        scale = dist.loss_scale(weights_BT, denom)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
         (loss * scale).backward()
@@ -237,8 +255,17 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
         for k, v in mb_sums.items():
             sums[k] += v
         parts.append((float(mb.mask_BT.sum()), metrics))
-    out.update(_merge_metrics(parts))  # the estimator's own (adv_mean, adv_std, ...)
-    out.update({k: v / float(n_tok) for k, v in sums.items()})  # same definition for all
+        logp_parts.append(logp_BT)
+    dist.all_reduce_grads(student.parameters())
+    out["loss"] = dist.global_sum(out["loss"], device)
+    local = _merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
+    if batch.sampler_logp_BT is not None:  # the train/inference mismatch (vopd.is_correction)
+        local |= is_correction.mismatch_metrics(
+            torch.cat(logp_parts), batch.sampler_logp_BT, batch.mask_BT, cap=cfg.is_cap
+        )
+    out.update(dist.reduce_metrics(local, float(batch.mask_BT.sum()), device))
+    # kl_mean / entropy / reward_mean: one definition for every estimator, over all ranks
+    out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
     return out
 
 
@@ -282,8 +309,11 @@ def _init_run_dir(cfg: TrainConfig, out: Path) -> None:
 
 
 def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, step: int):
-    """The step's prompts (seeded data order) and the current student's samples (seeded)."""
+    """The step's prompts (seeded data order; this rank's contiguous share) and the current
+    student's samples (seeded per step and rank)."""
     idx = prompt_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step)
+    rank = dist.from_env()
+    idx = idx[slice(*dist.shard_bounds(len(idx), rank.rank, rank.world_size))]
     backend.sync_weights(student)
     sampling = SamplingParams(
         temperature=cfg.temperature,
@@ -291,7 +321,8 @@ def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, st
         top_k=cfg.sampling_top_k,
         max_new_tokens=cfg.max_new_tokens,
         n=cfg.samples_per_prompt,
-        seed=step_seed(cfg.seed, step),
+        seed=dist.rank_seed(step_seed(cfg.seed, step), rank.rank),
+        logprobs=cfg.is_correction or cfg.rollout_backend == "vllm",  # mismatch metrics
     )
     return backend.generate([prompts[i] for i in idx], sampling)
 
@@ -321,7 +352,8 @@ def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, schedul
     sync()
     m["time_update_s"] += time.perf_counter() - t1
     step_s = time.perf_counter() - t0
-    n_tokens = int(batch.mask_BT.sum())
+    n_tokens = int(dist.global_sum(float(batch.mask_BT.sum()), device))
+    n_seqs = dist.global_sum(len(rollouts), device)
     return {
         "step": step,
         **m,
@@ -329,8 +361,8 @@ def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, schedul
         "adv_std": m.get("adv_std"),
         "grad_norm": float(grad_norm),
         "lr": lr,
-        "response_len": n_tokens / len(rollouts),
-        "truncated_frac": float(np.mean(rollouts.truncated)),
+        "response_len": n_tokens / n_seqs,
+        "truncated_frac": dist.global_sum(sum(rollouts.truncated), device) / n_seqs,
         **adam_moment_proxy(optimizer),
         "num_tokens": n_tokens,
         "time_rollout_s": t_rollout,
@@ -347,24 +379,28 @@ def _state(optimizer, scheduler, step: int, cfg: TrainConfig) -> dict:
     }
 
 
-def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler) -> int:
+def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler, main: bool) -> int:
     """Fresh run: seed, save step0. Resume: restore optimizer, scheduler and RNG states and cut
-    metrics.jsonl back to the checkpoint. Returns the number of steps already done."""
+    metrics.jsonl back to the checkpoint. Returns the number of steps already done. Only the
+    ``main`` rank writes files."""
     metrics = out / "metrics.jsonl"
     if resume is None:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        metrics.unlink(missing_ok=True)
-        ckpt.save_checkpoint(out, 0, student, tokenizer, state=_state(optimizer, scheduler, 0, cfg))
+        if main:
+            metrics.unlink(missing_ok=True)
+            state = _state(optimizer, scheduler, 0, cfg)
+            ckpt.save_checkpoint(out, 0, student, tokenizer, state=state)
         return 0
     state = ckpt.load_state(resume)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
-    rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
-    write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
-    append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
+    if main:
+        rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
+        write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
+        append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
     return state["step"]
 
 
@@ -376,25 +412,34 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         return json.loads((out / "done.json").read_text())
     prompts = load_prompts(cfg)
     total = num_steps(cfg, len(prompts))
-    device = pick_device(cfg)
+    rank = dist.from_env()  # torchrun: one process per GPU (vopd.distributed)
+    if cfg.prompts_per_step < rank.world_size:
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} < {rank.world_size} processes: every "
+            "process needs at least one prompt per step"
+        )
+    device = dist.init(cfg.device)[1] if rank.enabled else pick_device(cfg)
     _check_run_dir(cfg, out)
-    resume = ckpt.latest_resumable(out)
+    resume = dist.broadcast_object(ckpt.latest_resumable(out))  # rank 0's view, for everyone
+    lora = cfg.finetune == "lora"  # a LoRA checkpoint is an adapter on cfg.student
     student, teacher, tokenizer, V = load_models(
-        cfg, str(resume) if resume else cfg.student, device
-    )
-    _init_run_dir(cfg, out)  # only now, after every check passed
+        cfg, str(resume or cfg.student) if not lora else cfg.student, device,
+        adapter=resume if lora else None,
+    )  # fmt: skip
+    if cfg.chat_template:
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
+    if rank.is_main:
+        _init_run_dir(cfg, out)  # only now, after every check passed
     optimizer, scheduler = build_optimizer(cfg, student, total)
-    backend = get_backend(
-        cfg.rollout_backend, model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
-    )
-    start = _start(out, resume, cfg, student, tokenizer, optimizer, scheduler)
+    backend = policy.make_backend(cfg, student, tokenizer, V)
+    start = _start(out, resume, cfg, student, tokenizer, optimizer, scheduler, rank.is_main)
     t_run = time.perf_counter()
     bar = tqdm(
         range(start + 1, total + 1),
         initial=start,
         total=total,
         desc=f"opd {cfg.estimator}",
-        disable=not progress,
+        disable=not progress or not rank.is_main,
         mininterval=1.0,
         file=sys.stderr,
     )
@@ -402,14 +447,18 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         row = opd_step(
             cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V
         )
-        append_jsonl(out / "metrics.jsonl", row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
-        if step % cfg.save_every == 0 or step == total:
-            state = _state(optimizer, scheduler, step, cfg)
-            ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
+        if rank.is_main:  # every rank ran the step; rank 0 alone writes
+            append_jsonl(out / "metrics.jsonl", row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
+            if step % cfg.save_every == 0 or step == total:
+                state = _state(optimizer, scheduler, step, cfg)
+                ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
         if stop_after is not None and stop_after <= step < total:
             return {}
     bar.close()
+    if not rank.is_main:
+        dist.barrier()  # rank 0 writes done.json, then joins
+        return json.loads((out / "done.json").read_text())
     rows = read_jsonl(out / "metrics.jsonl")
     done = {
         "steps": total,
@@ -421,6 +470,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         "mean_step_s": float(np.mean([r["step_s"] for r in rows])),
     }
     write_json(out / "done.json", done)  # last: its presence means the run finished
+    dist.barrier()
     return done
 
 
@@ -438,7 +488,10 @@ def main(argv=None) -> None:
         done = train(cfg, args.out, progress=not args.no_progress)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"out": str(args.out), **done}))
+    finally:
+        dist.shutdown()
+    if dist.from_env().is_main:
+        print(json.dumps({"out": str(args.out), **done}))
 
 
 if __name__ == "__main__":

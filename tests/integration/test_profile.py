@@ -1,0 +1,78 @@
+"""``python -m vopd.profile`` on a tiny sweep: every variant in a fresh process, both modes, the
+results contract, a failing variant recorded instead of ending the sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from vopd.profile import main, measure_isolated, measure_one, measure_train_step
+
+pytestmark = pytest.mark.integration
+
+CONTRACT = ["estimator", "vocab_size", "seq_len", "batch", "step_s", "peak_mem_bytes", "device"]
+
+
+def test_loss_sweep_writes_contract_and_table(tmp_path, capsys):
+    out = tmp_path / "profile.parquet"
+    main(["--out", str(out), "--vocab", "27", "300", "--seq-len", "8", "--batch", "2",
+          "--estimators", "sample_opd", "--naive", "--repeats", "1", "--threads", "1",
+          "--device", "cpu"])  # fmt: skip
+    df = pd.read_parquet(out)
+    assert set(CONTRACT) <= set(df.columns)
+    assert len(df) == 2 * 2 and set(df.status) == {"ok"}
+    assert set(df.estimator) == {"sample_opd", "naive_vopd"}
+    assert (df.step_s > 0).all() and (df.peak_mem_bytes > df.base_bytes).all()
+    assert (df.device == "cpu").all() and (df["mode"] == "loss").all()
+    big = df[df.vocab_size == 300].set_index("estimator")
+    assert big.loc["naive_vopd", "input_bytes"] == big.loc["sample_opd", "input_bytes"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["profile"][0]["estimator"] == "sample_opd"
+    assert any(line.startswith("loss       naive_vopd") and " 300 " in line for line in lines)
+
+
+def test_train_step_counts_one_forward_per_model(tmp_path):
+    out = tmp_path / "train_step.parquet"
+    main(["--mode", "train_step", "--out", str(out), "--vocab", "27", "--seq-len", "4",
+          "--batch", "2", "--estimators", "vopd", "topk_opd", "--top-k", "4", "--repeats", "1",
+          "--threads", "1", "--device", "cpu"])  # fmt: skip
+    df = pd.read_parquet(out)
+    assert set(CONTRACT) <= set(df.columns) and set(df.status) == {"ok"}
+    assert (df.student_forwards_per_step == 1.0).all()  # claim C5: no extra model call
+    assert (df.teacher_forwards_per_step == 1.0).all()
+    parts = df[["student_fwd_s", "teacher_fwd_s", "loss_s", "backward_s", "optim_s"]]
+    assert (parts > 0).all().all()
+    assert df.set_index("estimator").top_k.to_dict() == pytest.approx(
+        {"vopd": float("nan"), "topk_opd": 4.0}, nan_ok=True
+    )
+    assert (df.params > 0).all()
+
+
+def test_in_process_measurements():
+    r = measure_one("vopd_topk", 50, 4, 2, top_k=100, repeats=1)
+    assert r["top_k"] == 50 and r["status"] == "ok" and r["inner_steps"] >= 1
+    t = measure_train_step("sample_opd", 27, 3, 2, repeats=1, prompt_len=2)
+    assert t["student_forwards_per_step"] == t["teacher_forwards_per_step"] == 1.0
+
+
+def test_failed_variant_is_recorded_not_raised():
+    row = measure_isolated({"estimator": "vopd", "vocab_size": 10, "seq_len": 2, "batch": 1,
+                            "dtype": "no_such_dtype"})  # fmt: skip
+    assert row["status"].startswith("failed") and row["estimator"] == "vopd"
+    assert "step_s" not in row
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--estimators", "nope"], "unknown estimator"),
+        (["--vocab", "1"], "expected integers >= 2"),
+        (["--seq-len", "x"], "expected integers"),
+        (["--mode", "train_step", "--model-config", "/no/such/dir"], "no config.json"),
+    ],
+)
+def test_bad_input(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["--device", "cpu", *argv])

@@ -1,0 +1,104 @@
+"""``python -m vopd.variance`` end to end on a tiny run directory (tiny random Llama student and
+teacher over the toy vocabulary, the toy world's prompts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from vopd.estimators import ESTIMATORS
+from vopd.variance import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_models, tiny_world):
+    """A run directory as ``python -m vopd.train`` leaves it: resolved config, step0 checkpoint,
+    metrics.jsonl with the Adam proxy."""
+    run = tmp_path / "results" / "exp" / "sample_opd" / "seed3"
+    shutil.copytree(tiny_models["student"], run / "checkpoints" / "step0")
+    shutil.copytree(tiny_models["student"], run / "checkpoints" / "step2")
+    cfg = {
+        "student": str(tiny_models["student"]),
+        "teacher": str(tiny_models["teacher"]),
+        "prompts": str(tiny_world / "prompts" / "train.parquet"),
+        "estimator": "sample_opd",
+        "top_k": 4,
+        "prompts_per_step": 6,
+        "max_new_tokens": 6,
+        "seed": 3,
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"step": s, "loss": 0.1, "adam_proxy": 0.5 * s} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_variance_cli_writes_the_results_contract(run_dir, capsys):
+    out = run_dir / "variance" / "step2.parquet"
+    main(["--run-dir", str(run_dir), "--step", "2", "--out", str(out), "--k", "3"])
+    df = pd.read_parquet(out)
+    assert list(df.columns) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    assert set(df.experiment) == {"exp"} and set(df.seed) == {3} and set(df.step) == {2}
+    assert set(df.estimator) == set(ESTIMATORS)
+    v = {(r.estimator, r.probe): r.value for r in df.itertuples()}
+    for e in ESTIMATORS:
+        for probe in ("total_variance", "mean_grad_norm", "variance_ratio_to_sample_opd",
+                      "cosine_to_full_opd", "exact_position_variance", "k"):  # fmt: skip
+            assert (e, probe) in v, (e, probe)
+        assert v[(e, "total_variance")] > 0
+    for e in ("sample_opd", "vopd", "vopd_topk", "opt_baseline"):
+        assert (e, "removable_variance") in v and (e, "irreducible_variance") in v
+    assert v[("sample_opd", "variance_ratio_to_sample_opd")] == pytest.approx(1.0)
+    assert v[("full_opd", "cosine_to_full_opd")] == pytest.approx(1.0)
+    assert v[("opt_baseline", "removed_fraction")] == pytest.approx(1.0, abs=1e-6)
+    assert v[("sample_opd", "adam_proxy")] == pytest.approx(1.0)  # metrics.jsonl at step 2
+    assert v[("vopd", "exact_position_variance")] < v[("sample_opd", "exact_position_variance")]
+    assert df.value.notna().all()
+    text = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(text[-1])
+    assert summary["k"] == 3 and summary["prompts"] == 6 and summary["common_random_numbers"]
+    assert any(line.startswith("vopd ") for line in text)
+
+
+def test_same_seed_same_numbers_and_estimators_subset(run_dir):
+    outs = []
+    for i in range(2):
+        out = run_dir / "variance" / f"a{i}.parquet"
+        main(["--run-dir", str(run_dir), "--step", "0", "--out", str(out), "--k", "2",
+              "--estimators", "sample_opd", "vopd", "--no-exact"])  # fmt: skip
+        outs.append(pd.read_parquet(out))
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+    assert set(outs[0].estimator) == {"sample_opd", "vopd"}
+    assert "cosine_to_full_opd" not in set(outs[0].probe)  # no full_opd to compare with
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--step", "7"], "no checkpoint"),
+        (["--estimators", "nope"], "unknown estimator"),
+        (["--k", "1"], "k >= 2"),
+        (["--prompts", "0"], "prompts >= 1"),
+        (["--top-k", "0"], "top_k"),
+    ],
+)
+def test_bad_input_fails_before_work(run_dir, args, message):
+    base = {"--step": "0", "--out": str(run_dir / "x.parquet")}
+    argv = ["--run-dir", str(run_dir)]
+    for flag, value in base.items():
+        if flag not in args:
+            argv += [flag, value]
+    with pytest.raises(SystemExit, match=message):
+        main(argv + args)
+    assert not (run_dir / "x.parquet").exists()
+
+
+def test_missing_run_config(tmp_path):
+    with pytest.raises(SystemExit, match=r"config\.yaml does not exist"):
+        main(["--run-dir", str(tmp_path), "--step", "0", "--out", str(tmp_path / "o.parquet")])

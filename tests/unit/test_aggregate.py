@@ -1,0 +1,222 @@
+"""python -m vopd.aggregate on synthetic run directories, checked against hand-written values.
+
+pytest tests/unit/test_aggregate.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vopd.aggregate import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_run(root: Path, est: str, seed: int, records: list, done: bool = True) -> Path:
+    run = root / est / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (run / "done.json").write_text("{}\n")
+    return run
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def exp(tmp_path) -> Path:
+    """2 estimators x 2 seeds, 3 steps each; one eval per run; a sample_opd probe file."""
+    root = tmp_path / "results" / "exp"
+    for est, base in (("sample_opd", 1.0), ("vopd", 2.0)):
+        for seed in (0, 1):
+            records = [
+                {"step": s, "loss": base + s + seed / 10, "kl_mean": base * s, "adam_proxy": base}
+                for s in (1, 2, 3)
+            ]
+            run = write_run(root, est, seed, records)
+            summary = {
+                "benchmark": "toy_test",
+                "n": 4,
+                "avg@4": base / 4 + seed / 100,
+                "pass@4": 0.5,
+                "format_ok": True,  # booleans are not metrics
+                "ci95": {"avg@4": [0.1, 0.3]},
+            }
+            write_summary(run / "eval" / "toy_test" / "step3", summary)
+    probes = pd.DataFrame(
+        {
+            "estimator": ["sample_opd", "vopd"],
+            "probe": ["total_variance", "total_variance"],
+            "value": [4.0, 3.0],
+        }
+    )
+    for seed in (0, 1):
+        (root / "sample_opd" / f"seed{seed}" / "variance").mkdir()
+        probes.to_parquet(root / "sample_opd" / f"seed{seed}" / "variance" / "step3.parquet")
+    write_summary(root / "reference" / "teacher" / "eval" / "toy_test", {"avg@4": 0.9, "n": 4})
+    (root / "profile").mkdir()
+    pd.DataFrame(
+        {
+            "estimator": ["sample_opd", "vopd"],
+            "vocab_size": [27, 27],
+            "seq_len": [8, 8],
+            "batch": [1, 1],
+            "step_s": [0.5, 0.6],
+            "peak_mem_bytes": [1000, 1100],
+            "device": ["cpu", "cpu"],
+            "mode": ["loss", "loss"],
+        }
+    ).to_parquet(root / "profile" / "profile.parquet")
+    return root
+
+
+def cell(df, **where):
+    sel = df
+    for key, value in where.items():
+        sel = sel[sel[key] == value]
+    assert len(sel) == 1, (where, sel)
+    return sel["value"].iloc[0]
+
+
+# ---- runs.parquet -----------------------------------------------------------------------------
+
+
+def test_runs_contract_and_values(exp):
+    main(["--results-dir", str(exp), "--experiment", "exp"])
+    runs = pd.read_parquet(exp / "runs.parquet")
+    assert list(runs.columns) == [
+        "experiment",
+        "estimator",
+        "seed",
+        "step",
+        "benchmark",
+        "metric",
+        "value",
+    ]
+    assert runs["seed"].dtype == "int64" and runs["step"].dtype == "int64"
+    assert runs["value"].dtype == "float64"
+    assert set(runs["experiment"]) == {"exp"}
+    # training curves: 2 estimators x 2 seeds x 3 steps x 3 keys
+    train = runs[runs["benchmark"] == "train"]
+    assert len(train) == 36
+    assert cell(runs, estimator="vopd", seed=1, step=2, benchmark="train", metric="loss") == 4.1
+    assert cell(runs, estimator="vopd", seed=0, step=3, benchmark="train", metric="kl_mean") == 6.0
+    # evaluation: every numeric summary field, CIs flattened, booleans and strings dropped
+    ev = runs[runs["benchmark"] == "toy_test"]
+    assert set(ev["metric"]) == {"n", "avg@4", "pass@4", "avg@4_ci95_lo", "avg@4_ci95_hi"}
+    assert cell(ev, estimator="vopd", seed=1, step=3, metric="avg@4") == pytest.approx(0.51)
+    assert cell(ev, estimator="sample_opd", seed=0, step=3, metric="avg@4_ci95_hi") == 0.3
+
+
+def test_resumed_run_last_record_of_a_step_wins_and_torn_line_dropped(tmp_path):
+    root = tmp_path / "exp"
+    records = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}, {"step": 2, "loss": 7.0}]
+    run = write_run(root, "vopd", 0, records)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 6')  # killed mid-write
+    main(["--results-dir", str(root), "--experiment", "exp", "--what", "runs"])
+    runs = pd.read_parquet(root / "runs.parquet")
+    assert runs["step"].tolist() == [1, 2]
+    assert cell(runs, step=2, metric="loss") == 7.0
+
+
+def test_incomplete_runs_skipped_without_filters_and_rejected_with_them(exp, capsys):
+    write_run(exp, "full_opd", 0, [{"step": 1, "loss": 1.0}], done=False)
+    main(["--results-dir", str(exp), "--experiment", "exp", "--what", "runs"])
+    assert "full_opd" not in set(pd.read_parquet(exp / "runs.parquet")["estimator"])
+    assert "skipping incomplete run" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"full_opd/seed0/done\.json is missing"):
+        args = ["--results-dir", str(exp), "--experiment", "exp", "--what", "runs"]
+        main([*args, "--estimators", "full_opd", "--seeds", "0"])
+
+
+def test_filters_select_runs_and_require_every_expected_eval(exp):
+    args = ["--results-dir", str(exp), "--experiment", "exp", "--what", "runs"]
+    main([*args, "--estimators", "vopd", "--seeds", "1", "--benchmarks", "toy_test"])
+    runs = pd.read_parquet(exp / "runs.parquet")
+    assert set(zip(runs["estimator"], runs["seed"], strict=True)) == {("vopd", 1)}
+    with pytest.raises(SystemExit, match=r"toy_test/step9/summary\.json is missing"):
+        main([*args, "--benchmarks", "toy_test", "--eval-steps", "9"])
+
+
+def test_no_runs_is_an_error(tmp_path):
+    (tmp_path / "exp").mkdir()
+    with pytest.raises(SystemExit, match="no complete runs"):
+        main(["--results-dir", str(tmp_path / "exp"), "--experiment", "exp", "--what", "runs"])
+
+
+# ---- variance, profile, references ------------------------------------------------------------
+
+
+def test_variance_adam_proxy_from_training_and_probes_from_files(exp):
+    main(["--results-dir", str(exp), "--experiment", "exp", "--what", "variance"])
+    var = pd.read_parquet(exp / "variance.parquet")
+    assert list(var.columns[:6]) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    train = var[var["source"] == "train"]
+    assert len(train) == 12  # 2 estimators x 2 seeds x 3 steps
+    assert cell(train, estimator="vopd", seed=0, step=2, probe="adam_proxy") == 2.0
+    probes = var[var["source"] == "probe"]
+    assert len(probes) == 4  # 2 probed estimators x 2 seeds, at step 3
+    assert set(probes["run_estimator"]) == {"sample_opd"}
+    assert cell(probes, estimator="vopd", seed=1, step=3, probe="total_variance") == 3.0
+
+
+def test_variance_wide_probe_files_and_missing_probe(exp):
+    wide = pd.DataFrame({"estimator": ["vopd"], "total_variance": [2.5], "cos_to_full": [0.9]})
+    (exp / "vopd" / "seed0" / "variance").mkdir()
+    wide.to_parquet(exp / "vopd" / "seed0" / "variance" / "step3.parquet")
+    base = ["--results-dir", str(exp), "--experiment", "exp", "--what", "variance"]
+    main(base)
+    probes = pd.read_parquet(exp / "variance.parquet").query("source == 'probe'")
+    assert cell(probes, run_estimator="vopd", seed=0, probe="cos_to_full") == 0.9
+    assert cell(probes, run_estimator="vopd", seed=0, probe="total_variance") == 2.5
+    # probed runs named by the workflow: every probe step must exist
+    with pytest.raises(SystemExit, match=r"vopd/seed1/variance/step3\.parquet is missing"):
+        main([*base, "--variance-runs", "vopd", "--variance-steps", "3"])
+    main([*base, "--variance-runs", "", "--variance-steps", "3"])  # nothing probed
+    assert set(pd.read_parquet(exp / "variance.parquet")["source"]) == {"train"}
+
+
+def test_profile_contract_and_missing_column(exp):
+    main(["--results-dir", str(exp), "--experiment", "exp", "--what", "profile"])
+    prof = pd.read_parquet(exp / "profile.parquet")
+    assert list(prof.columns) == [
+        "estimator",
+        "vocab_size",
+        "seq_len",
+        "batch",
+        "step_s",
+        "peak_mem_bytes",
+        "device",
+        "mode",
+    ]
+    assert prof["peak_mem_bytes"].tolist() == [1000.0, 1100.0]
+    pd.read_parquet(exp / "profile" / "profile.parquet").drop(columns=["device"]).to_parquet(
+        exp / "profile" / "profile.parquet"
+    )
+    with pytest.raises(SystemExit, match=r"\['device'\] are missing"):
+        main(["--results-dir", str(exp), "--experiment", "exp", "--what", "profile"])
+
+
+def test_references(exp):
+    main(["--results-dir", str(exp), "--experiment", "exp", "--what", "references"])
+    refs = pd.read_parquet(exp / "references.parquet")
+    assert list(refs.columns) == ["experiment", "model", "benchmark", "metric", "value"]
+    assert cell(refs, model="teacher", benchmark="toy_test", metric="avg@4") == 0.9
+
+
+# ---- reads files only -------------------------------------------------------------------------
+
+
+def test_aggregate_and_report_never_import_torch():
+    code = "import sys, vopd.aggregate, vopd.report, vopd.figures; sys.exit('torch' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

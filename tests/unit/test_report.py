@@ -1,0 +1,242 @@
+"""python -m vopd.report: statistics, tables and figures on synthetic aggregated results,
+checked against hand-computed values.
+
+    pytest tests/unit/test_report.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pandas as pd
+import pytest
+
+from vopd import report
+from vopd.report import bootstrap_ci, exact_bootstrap, main, seed_stats
+
+
+def args(**kw):
+    base = {"metric": "avg", "smooth": 2, "reference_estimator": "sample_opd"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+
+def test_exact_bootstrap_two_values():
+    # resamples of (1, 3): (1,1) p 1/4, (1,3)/(3,1) p 1/2, (3,3) p 1/4
+    means, probs = exact_bootstrap([1.0, 3.0])
+    assert means.tolist() == [1.0, 2.0, 3.0]
+    assert probs.tolist() == pytest.approx([0.25, 0.5, 0.25])
+    assert bootstrap_ci([1.0, 3.0]) == (1.0, 3.0)
+
+
+def test_exact_bootstrap_three_values_by_hand():
+    # 27 equally likely resamples of (0, 1, 2); their sums 0..6 occur 1, 3, 6, 7, 6, 3, 1 times.
+    means, probs = exact_bootstrap([0.0, 1.0, 2.0])
+    by_sum = {}
+    for m, p in zip(means, probs, strict=True):
+        by_sum[round(3 * m)] = by_sum.get(round(3 * m), 0.0) + p
+    assert [by_sum[s] * 27 for s in range(7)] == pytest.approx([1, 3, 6, 7, 6, 3, 1])
+    # 95%: P(sum=0) = 1/27 >= 2.5%, P(sum<=5) = 26/27 < 97.5%
+    assert bootstrap_ci([0.0, 1.0, 2.0]) == (0.0, 2.0)
+    # 50%: cumulative 1/27, 4/27, 10/27 >= .25 at sum 2; 17/27 < .75 <= 23/27 at sum 4
+    lo, hi = bootstrap_ci([0.0, 1.0, 2.0], level=0.5)
+    assert (lo, hi) == pytest.approx((2 / 3, 4 / 3))
+
+
+def test_monte_carlo_bootstrap_above_eight_seeds_is_seeded_and_sane():
+    values = [float(i) for i in range(12)]
+    lo, hi = bootstrap_ci(values)
+    assert bootstrap_ci(values) == (lo, hi)  # reproducible
+    # the CI of the mean (5.5, sd 3.61, se 1.04) is about 5.5 ± 2.04
+    assert 3.0 < lo < 5.5 < hi < 8.0
+
+
+def test_seed_stats_by_hand():
+    s = seed_stats([0.6, 0.7, 0.8])
+    assert s["n_seeds"] == 3
+    assert s["mean"] == pytest.approx(0.7)
+    assert s["std"] == pytest.approx(0.1)  # sample std (ddof 1)
+    assert (s["ci_lo"], s["ci_hi"]) == pytest.approx((0.6, 0.8))
+    one = seed_stats([0.5])
+    assert math.isnan(one["std"]) and (one["ci_lo"], one["ci_hi"]) == (0.5, 0.5)
+    assert report.fmt_stats(one) == "0.500"
+
+
+def test_headline_metric_takes_the_real_n():
+    assert report.headline_metric(["avg@8", "pass@1", "pass@8", "maj@8"], "pass") == "pass@8"
+    assert report.headline_metric(["avg@4", "avg@4_ci95_lo"], "avg") == "avg@4"
+    with pytest.raises(SystemExit, match="no maj@n metric"):
+        report.headline_metric(["avg@4"], "maj")
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def runs_frame() -> pd.DataFrame:
+    """sample_opd and vopd, seeds 0 and 1, two benchmarks at step 10, plus training rows."""
+    acc = {  # (estimator, seed) -> (toy_test, toy_hard)
+        ("sample_opd", 0): (0.50, 0.30),
+        ("sample_opd", 1): (0.60, 0.40),
+        ("vopd", 0): (0.70, 0.30),
+        ("vopd", 1): (0.70, 0.50),
+    }
+    rows = []
+    for (est, seed), (test, hard) in acc.items():
+        for bench, value in (("toy_test", test), ("toy_hard", hard)):
+            rows.append((est, seed, 10, bench, "avg@4", value))
+            rows.append((est, seed, 10, bench, "pass@4", 1.0))
+            rows.append((est, seed, 5, bench, "avg@4", 0.0))  # an earlier step: not the table's
+        for step in (1, 2, 3):
+            rows.append((est, seed, step, "train", "kl_mean", 10.0 * step + seed))
+            rows.append((est, seed, step, "train", "grad_norm", float(step == 2) + seed))
+    df = pd.DataFrame(rows, columns=["estimator", "seed", "step", "benchmark", "metric", "value"])
+    return df.assign(experiment="exp")
+
+
+def test_accuracy_table_by_hand():
+    refs = pd.DataFrame(
+        {
+            "experiment": "exp",
+            "model": ["teacher", "teacher"],
+            "benchmark": ["toy_test", "toy_hard"],
+            "metric": ["avg@4", "avg@4"],
+            "value": [0.9, 0.8],
+        }
+    )
+    csv, md = report.accuracy_table(runs_frame(), refs)
+
+    def row(est, bench, metric="avg@4"):
+        sel = csv[(csv["estimator"] == est) & (csv["benchmark"] == bench)]
+        sel = sel[sel["metric"] == metric] if metric else sel
+        assert len(sel) == 1
+        return sel.iloc[0]
+
+    assert row("sample_opd", "toy_test")["mean"] == pytest.approx(0.55)
+    assert row("sample_opd", "toy_test")["std"] == pytest.approx(math.sqrt(0.005))
+    assert row("sample_opd", "toy_test")["step"] == 10
+    # average over benchmarks per seed: sample_opd (0.40, 0.50), vopd (0.50, 0.60)
+    avg = csv[(csv["benchmark"] == "average") & (csv["metric"] != "delta_vs_sample_opd")]
+    assert avg.set_index("estimator")["mean"].to_dict() == pytest.approx(
+        {"sample_opd": 0.45, "vopd": 0.55}
+    )
+    # paired by seed: vopd - sample_opd = (0.10, 0.10): mean 0.1, std 0
+    delta = row("vopd", "average", "delta_vs_sample_opd")
+    assert delta["mean"] == pytest.approx(0.1) and delta["std"] == pytest.approx(0.0)
+    assert row("reference:teacher", "toy_hard")["mean"] == 0.8
+    assert "| vopd | 0.400 ± 0.141 [0.300, 0.500] | 0.700 ± 0.000 [0.700, 0.700] |" in md
+    assert "(2/2 seeds > 0)" in md
+    assert "*teacher (untrained)* | 0.800 | 0.900 | 0.850 |" in md  # toy_hard, toy_test, mean
+
+
+def test_training_table_final_window_max_and_mean():
+    csv, _ = report.training_table(runs_frame(), window=2)
+    kl = csv[(csv["estimator"] == "vopd") & (csv["metric"] == "kl_mean")].iloc[0]
+    # last 2 steps: seed 0 (20, 30) -> 25, seed 1 (21, 31) -> 26
+    assert kl["mean"] == pytest.approx(25.5) and kl["statistic"] == "final"
+    gmax = csv[(csv["metric"] == "grad_norm") & (csv["statistic"] == "max")]
+    assert gmax.set_index("estimator")["mean"].to_dict() == pytest.approx(
+        {"sample_opd": 1.5, "vopd": 1.5}
+    )
+
+
+def variance_frame() -> pd.DataFrame:
+    rows = []
+    for seed, (tv_ref, tv_vopd) in enumerate(((4.0, 2.0), (5.0, 4.0))):
+        for est, tv in (("sample_opd", tv_ref), ("vopd", tv_vopd)):
+            rows.append((est, seed, 10, "total_variance", tv, "sample_opd", "probe"))
+            rows.append((est, seed, 10, "cosine_to_mean", 0.5, "sample_opd", "probe"))
+        for step in (1, 2):
+            rows.append(("sample_opd", seed, step, "adam_proxy", 2.0 * step, "sample_opd", "train"))
+            rows.append(("vopd", seed, step, "adam_proxy", 1.0 * step, "vopd", "train"))
+    cols = ["estimator", "seed", "step", "probe", "value", "run_estimator", "source"]
+    return pd.DataFrame(rows, columns=cols).assign(experiment="exp")
+
+
+def test_variance_table_ratios_by_hand():
+    csv, md = report.variance_table(variance_frame())
+    tv = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "total_variance_ratio")].iloc[0]
+    # per seed 2/4 = 0.5 and 4/5 = 0.8
+    assert tv["mean"] == pytest.approx(0.65) and tv["step"] == 10
+    assert tv["std"] == pytest.approx(math.sqrt(0.045))
+    adam = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "adam_proxy_ratio")].iloc[0]
+    assert adam["mean"] == pytest.approx(0.5)  # (1 + 2) / (2 + 4) in both seeds
+    cos = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "cosine_to_mean")].iloc[0]
+    assert cos["mean"] == 0.5
+    assert "total_variance ratio @ step 10" in md
+
+
+def profile_frame() -> pd.DataFrame:
+    nan = float("nan")
+    return pd.DataFrame(
+        {
+            "estimator": ["sample_opd", "sample_opd", "full_opd", "vopd", "full_opd"],
+            "vocab_size": [1000] * 5,
+            "seq_len": [64] * 5,
+            "batch": [2] * 5,
+            "step_s": [0.20, 0.10, 0.30, 0.12, nan],  # two repeats of sample_opd: best is 0.10
+            "peak_mem_bytes": [2**20, 2**20, 3 * 2**20, 1.5 * 2**20, nan],
+            "device": ["cpu"] * 5,
+            "status": ["ok"] * 4 + ["failed: out of memory"],  # a failed variant is left out
+        }
+    )
+
+
+def test_cost_table_best_time_and_ratios():
+    csv, md = report.cost_table(profile_frame())
+    got = csv.set_index("estimator")
+    assert got.loc["sample_opd", "step_s"] == 0.10
+    assert got.loc["full_opd", "time_ratio"] == pytest.approx(3.0)
+    assert got.loc["vopd", "mem_ratio"] == pytest.approx(1.5)
+    assert "| full_opd | 0.300 s (3.000x), 3.000 MiB (3.000x) |" in md
+
+
+# ---- CLI: files on disk -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "exp"
+    root.mkdir()
+    runs_frame().to_parquet(root / "runs.parquet")
+    variance_frame().to_parquet(root / "variance.parquet")
+    profile_frame().to_parquet(root / "profile.parquet")
+    return root
+
+
+def test_cli_writes_tables_figures_and_report(results):
+    out = main(["--results-dir", str(results), "--smooth", "2"])
+    for name in report.TABLES:
+        assert (results / "tables" / f"{name}.csv").stat().st_size > 0
+        assert (results / "tables" / f"{name}.md").read_text().startswith(f"# {name}")
+    for name in report.FIGURES:
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    text = (results / "report.md").read_text()
+    assert "![accuracy](figures/accuracy.png)" in text
+    assert "**C6 (vOPD >= sample OPD)**: vopd − sample_opd = 0.100 ± 0.000" in text
+    assert "total variance vopd / sample_opd = step 10: 0.650" in text
+    assert "report.md" in out["written"]
+
+
+def test_cli_reruns_are_byte_identical(results):
+    main(["--results-dir", str(results), "--what", "tables"])
+    main(["--results-dir", str(results), "--what", "figures", "--only", "cost"])
+    first = {p: p.read_bytes() for p in (results / "tables").iterdir()}
+    pdf = (results / "figures" / "cost.pdf").read_bytes()
+    main(["--results-dir", str(results), "--what", "tables"])
+    main(["--results-dir", str(results), "--what", "figures", "--only", "cost"])
+    assert {p: p.read_bytes() for p in (results / "tables").iterdir()} == first
+    assert (results / "figures" / "cost.pdf").read_bytes() == pdf
+
+
+def test_cli_bad_input(results, tmp_path):
+    with pytest.raises(SystemExit, match="--only nope"):
+        main(["--results-dir", str(results), "--only", "nope"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--results-dir", str(tmp_path / "missing")])
+    (results / "profile.parquet").unlink()
+    with pytest.raises(SystemExit, match=r"profile\.parquet is missing"):
+        main(["--results-dir", str(results), "--what", "tables", "--only", "cost"])

@@ -1,0 +1,300 @@
+"""The Snakemake workflow: format, lint, config validation, dry runs, the smoke run, and the
+kill-and-resume check.
+
+    pytest -m workflow tests/workflow/test_workflow.py            # lint, dry runs, smoke run
+    pytest -m slow tests/workflow/test_workflow.py -k resume      # kill + resume (two smoke runs)
+
+The smoke run and the resume check run in a copy of the checkout (tracked and untracked,
+non-ignored files), as a fresh clone would, with that copy first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = ".test/config/config.yaml"
+SMOKE_BUDGET_S = float(os.environ.get("VOPD_SMOKE_BUDGET_S", 300))
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(*args, cwd=REPO, timeout=600, check=True, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def checkout_copy(dest: Path) -> Path:
+    """Copy what a clone would hold (tracked + untracked non-ignored files) into dest."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if src.is_file():
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+    return dest
+
+
+def env_for(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+# ---- static checks ----------------------------------------------------------------------------
+
+
+def test_snakefmt_check():
+    proc = subprocess.run(
+        ["snakefmt", "--check", "workflow", "Snakefile"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_schema_names_every_registered_estimator():
+    from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["$defs"]["estimator_name"]["enum"] == list(ESTIMATORS)
+    props = schema["properties"]["estimators"]["properties"]
+    assert list(props) == list(ESTIMATORS)
+    for name, ref in props.items():
+        options = schema["$defs"][ref["$ref"].split("/")[-1]]["properties"]
+        # every option the estimator reads is accepted, and no option it ignores
+        assert set(options) - {"overrides"} == ESTIMATOR_OPTIONS[name], name
+
+
+# ---- dry runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("configfile", [None, SMOKE, "config/small.yaml", "config/paper.yaml"])
+def test_dry_run(configfile):
+    jobs = planned_jobs(*(["--configfile", configfile] if configfile else []))
+    assert {"train", "generate", "grade", "variance_probe", "cost_profile", "summary"} <= jobs
+
+
+def test_configfile_replaces_the_default_config():
+    """--configfile must not be merged into config/config.yaml (toy estimators in the paper)."""
+    out = snakemake("-n", "-p", "--configfile", "config/paper.yaml").stdout
+    assert "results/paper_1p7b/opt_baseline" not in out  # a toy-only estimator
+    assert "results/paper_1p7b/vopd_topk/seed42/done.json" in out
+
+
+def planned_jobs(*args) -> set[str]:
+    """The rule names of a dry run's "Job stats" table."""
+    lines = snakemake(*args, "-n", "--quiet", "rules").stdout.splitlines()
+    start = lines.index("Job stats:") + 3
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("total"))
+    return {line.split()[0] for line in lines[start:end]}
+
+
+def test_named_targets_build_only_what_they_need():
+    assert planned_jobs("profile") == {
+        "cost_profile",
+        "aggregate",
+        "table",
+        "figure_cost",
+        "profile",
+    }
+    assert planned_jobs("results/toy/tables/cost.md") == {"cost_profile", "aggregate", "table"}
+    variance = planned_jobs("variance")
+    assert {"train", "variance_probe"} <= variance and "generate" not in variance
+    assert "summary" in planned_jobs()
+
+
+def bad_config(tmp_path, edit) -> Path:
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["estimators"].update(vopd_fast={}), "'vopd_fast' was unexpected"),
+        (lambda c: c["train"].update(stepz=3), "'stepz' was unexpected"),
+        (lambda c: c.update(seeds="0,1"), "'0,1' is not of type 'array'"),
+        (lambda c: c["estimators"].update(vopd={"top_k": 4}), "'top_k' was unexpected"),
+        (lambda c: c["estimators"].update(vopd_topk={"top_k": 0}), "0 is less than the minimum"),
+        (lambda c: c["eval"].update(steps=[70]), "config key 'eval.steps' = 70"),
+        (lambda c: c["eval"]["benchmarks"].update(math500={}), "'eval.benchmarks.math500'"),
+    ],
+    ids=["estimator", "key", "type", "option", "range", "step", "toy-benchmark"],
+)
+def test_bad_config_fails_before_any_job(tmp_path, edit, message):
+    proc = snakemake("-n", "--configfile", str(bad_config(tmp_path, edit)), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Building DAG of jobs" not in proc.stdout + proc.stderr
+
+
+# ---- the smoke run ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = checkout_copy(tmp_path_factory.mktemp("clone"))
+    start = time.perf_counter()
+    snakemake("--cores", "all", "--configfile", SMOKE, cwd=root, env=env_for(root))
+    return root, time.perf_counter() - start
+
+
+def test_smoke_run_produces_the_results_contract(smoke):
+    root, seconds = smoke
+    print(f"smoke run: {seconds:.0f} s")
+    exp = root / "results" / "smoke"
+    runs = pd.read_parquet(exp / "runs.parquet")
+    assert list(runs.columns) == [
+        "experiment",
+        "estimator",
+        "seed",
+        "step",
+        "benchmark",
+        "metric",
+        "value",
+    ]
+    cfg = yaml.safe_load((root / SMOKE).read_text())
+    assert set(runs["estimator"]) == set(cfg["estimators"])
+    assert {"train", "toy_test"} <= set(runs["benchmark"])
+    var = pd.read_parquet(exp / "variance.parquet")
+    assert {"total_variance", "adam_proxy"} <= set(var["probe"])
+    assert list(var.columns[:6]) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    prof = pd.read_parquet(exp / "profile.parquet")
+    assert list(prof.columns[:7]) == [
+        "estimator",
+        "vocab_size",
+        "seq_len",
+        "batch",
+        "step_s",
+        "peak_mem_bytes",
+        "device",
+    ]
+    for name in ("accuracy", "training", "variance", "cost"):
+        assert (exp / "tables" / f"{name}.md").is_file()
+    assert (exp / "figures" / "accuracy.png").is_file()
+    assert "## Accuracy" in (exp / "report.md").read_text()
+    assert seconds <= SMOKE_BUDGET_S, f"smoke run took {seconds:.0f} s > {SMOKE_BUDGET_S:.0f} s"
+
+
+def test_snakemake_report_has_a_caption_per_figure(smoke):
+    root, _ = smoke
+    snakemake("--configfile", SMOKE, "--report", "report.html", cwd=root, env=env_for(root))
+    html = (root / "report.html").read_text()
+    # one caption per figure, rendered from workflow/report/*.rst
+    for caption in ("Held-out accuracy", "Training curves", "Gradient variance", "Cost of each"):
+        assert caption in html, caption
+
+
+def test_rerun_has_nothing_to_do(smoke):
+    root, _ = smoke
+    out = snakemake("-n", "--configfile", SMOKE, cwd=root, env=env_for(root)).stdout
+    assert "Nothing to be done" in out
+
+
+# ---- kill and resume --------------------------------------------------------------------------
+
+
+def wait_for(path_glob: str, root: Path, timeout: float) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(root.glob(path_glob))
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"{path_glob} did not appear within {timeout} s")
+
+
+TIMING = ("step_s", "time_", "tokens_per_s", "_s")  # differs between any two runs
+
+
+def deterministic(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    keep = ~df[column].astype(str).str.contains("|".join(TIMING))
+    return df[keep].reset_index(drop=True)
+
+
+def opt_in(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("opt-in: run with -m slow")
+
+
+@pytest.mark.slow
+def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, request):
+    """Interrupt Snakemake (SIGINT to its process group, as Ctrl-C does) while a distillation
+    job runs, after its first checkpoint; rerun the same command: the job resumes from the
+    checkpoint and runs.parquet and every table equal an uninterrupted run's (timings aside).
+    Two smoke runs in separate copies, with 8 steps and a checkpoint every 4."""
+    opt_in(request)
+    cfg = yaml.safe_load((REPO / SMOKE).read_text())
+    cfg["train"].update(steps=8, save_every=4)
+    cfg["eval"]["steps"] = [8]
+    cfg["variance"]["steps"] = [8]
+    results, killed_run = {}, None
+    for name in ("uninterrupted", "killed"):
+        root = checkout_copy(tmp_path / name)
+        (root / "resume.yaml").write_text(yaml.safe_dump(cfg))
+        env = env_for(root)
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--configfile", "resume.yaml"]
+        if name == "killed":
+            proc = subprocess.Popen(
+                cmd,
+                cwd=root,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            ckpt = wait_for("results/smoke/*/seed0/checkpoints/step4", root, timeout=600)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)
+            killed_run = ckpt.parent.parent
+            assert not (killed_run / "done.json").exists(), "killed too late: the run finished"
+            assert (killed_run / "checkpoints" / "step4").is_dir()  # Snakemake kept it
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=1200)
+        results[name] = root / "results" / "smoke"
+    # vopd.train appends a line to resumes.jsonl each time it resumes from a checkpoint
+    assert (killed_run / "resumes.jsonl").is_file(), "the rerun did not resume"
+    pd.testing.assert_frame_equal(
+        deterministic(pd.read_parquet(results["killed"] / "runs.parquet"), "metric"),
+        deterministic(pd.read_parquet(results["uninterrupted"] / "runs.parquet"), "metric"),
+        check_exact=True,
+    )
+    for table in sorted((results["uninterrupted"] / "tables").glob("*.csv")):
+        if table.name == "cost.csv":
+            continue  # a profile of timings
+        killed = pd.read_csv(results["killed"] / "tables" / table.name)
+        column = "metric" if "metric" in killed.columns else "probe"
+        pd.testing.assert_frame_equal(
+            deterministic(killed, column), deterministic(pd.read_csv(table), column)
+        )

@@ -1,0 +1,351 @@
+"""Benchmark registry: hub id or local file -> one normalised Parquet (one row per problem).
+
+    python -m vopd.data prepare --benchmark math500 --out resources/benchmarks/math500.parquet
+    python -m vopd.data prepare --benchmark minerva --path minerva.jsonl \\
+        --field problem=question --field answer=answer --out resources/benchmarks/minerva.parquet
+    python -m vopd.data list
+
+Schema (the team contract): ``id`` str, ``problem`` str (raw text; for MCQ with the lettered
+choices appended), ``prompt`` str (the exact model input), ``answer`` str (gold; a letter for
+MCQ), ``choices`` list[str] or null, ``kind`` "math" | "mcq", ``source`` str.
+
+Upstream formats are read by :mod:`vopd.formats` (fields found by name unless ``--field
+KEY=COLUMN`` maps them; official prompts: math ``"{problem}\\n\\nPlease reason step by step, and
+put your final answer within \\\\boxed{}."``, MCQ question + lettered choices + a request for JSON
+``{"answer": "<letter>"}``). Hub loading uses ``datasets``, imported only then; GPQA is gated
+(a clear error without a Hugging Face token). Tests never touch the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vopd.formats import MATH_PROMPT, MCQ_INSTRUCTION, normalize
+
+__all__ = ["MATH_PROMPT", "MCQ_INSTRUCTION", "REGISTRY", "load_benchmark", "normalize", "prepare"]
+
+COLUMNS = ("id", "problem", "prompt", "answer", "choices", "kind", "source")
+RESOURCES = Path("resources")
+TOY_BENCHMARKS = ("toy_test", "toy_hard")  # written by `python -m vopd.toy world`
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def _sciknoweval_chemistry_mcq(row: dict) -> bool:
+    kind = str(row.get("type") or "mcq")
+    domain = str(row.get("domain") or "chemistry")
+    return kind.lower().startswith("mcq") and domain.lower() == "chemistry"
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    kind: str  # "math" | "mcq"
+    hub_id: str
+    split: str
+    config: str | None = None
+    aliases: tuple[str, ...] = ()
+    gold_from_solution: bool = False  # official math500: last \boxed{} of `solution`
+    gated: bool = False
+    keep: Callable[[dict], bool] | None = None  # row filter (which rows form the benchmark)
+
+
+# fmt: off
+REGISTRY = {s.name: s for s in [
+    BenchmarkSpec("math500", "math", "HuggingFaceH4/MATH-500", "test", aliases=("math_500",),
+                  gold_from_solution=True),
+    BenchmarkSpec("minerva", "math", "math-ai/minervamath", "test",
+                  aliases=("minervamath", "minerva_math")),
+    BenchmarkSpec("amc23", "math", "math-ai/amc23", "test", aliases=("amc2023",)),
+    BenchmarkSpec("aime24", "math", "HuggingFaceH4/aime_2024", "train",
+                  aliases=("aime_2024", "aime2024")),
+    BenchmarkSpec("aime25", "math", "MathArena/aime_2025", "train",
+                  aliases=("aime_2025", "aime2025")),
+    # the official source (reference-semantics §3); its upstream Idavidrein/gpqa is gated
+    BenchmarkSpec("gpqa_diamond", "mcq", "fingertap/GPQA-Diamond", "test",
+                  aliases=("gpqa_d", "gpqa"), gated=True),
+    BenchmarkSpec("chemistry", "mcq", "hicai-zju/SciKnowEval", "test", config="Chemistry",
+                  aliases=("sciknoweval_chemistry",), keep=_sciknoweval_chemistry_mcq),
+    BenchmarkSpec("dapo14k", "math", "guanning-ai/dapo14k", "train", aliases=("dapo",)),
+]}
+# fmt: on
+_ALIASES = {a: s.name for s in REGISTRY.values() for a in (s.name, *s.aliases)}
+
+
+def canonical_name(name: str) -> str | None:
+    key = name.strip().lower().replace("-", "_")
+    return key if key in TOY_BENCHMARKS else _ALIASES.get(key)
+
+
+def _known() -> str:
+    return ", ".join([*REGISTRY, *TOY_BENCHMARKS])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows: local files and the hub
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a local JSONL / JSON / Parquet / CSV file as plain dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"benchmark file {str(path)!r} does not exist")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".csv":
+        import pandas as pd
+
+        df = pd.read_csv(path, keep_default_na=False)
+        return df.to_dict(orient="records")
+    if suffix in (".jsonl", ".jsonl.gz", ".json"):
+        import gzip
+
+        opener = gzip.open if suffix.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # JSON lines
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if isinstance(data, dict):
+            lists = [
+                v
+                for k, v in data.items()
+                if isinstance(v, list)
+                and k in ("data", "rows", "examples", "test", "train", "questions")
+            ]
+            data = lists[0] if lists else [data]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        return data
+    raise ValueError(
+        f"{path}: unsupported file type {suffix!r} (expected .jsonl .json .parquet .csv)"
+    )
+
+
+def hf_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except ImportError:
+        return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
+def read_hub(spec: BenchmarkSpec, hub_id: str, split: str, config: str | None) -> list[dict]:
+    """Download a split with ``datasets`` (network; never called by tests)."""
+    gated_msg = (
+        f"{spec.name}: {hub_id} is gated on the Hugging Face hub. Accept its terms on "
+        f"https://huggingface.co/datasets/{hub_id} (GPQA: also Idavidrein/gpqa), then set "
+        "HF_TOKEN or run `huggingface-cli login` -- or pass --path to a local copy."
+    )
+    if spec.gated and not hf_token():
+        raise ValueError(gated_msg + " No Hugging Face token is set.")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError("loading from the hub needs `pip install datasets`") from e
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:
+        if "gated" in str(e).lower() or "401" in str(e) or type(e).__name__ == "GatedRepoError":
+            raise ValueError(gated_msg) from e
+        raise
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark Parquet files
+
+
+def validate(df, name: str):
+    """Check a benchmark DataFrame against the schema; return it unchanged."""
+    missing = [c for c in COLUMNS if c not in df.columns and c != "choices"]
+    if missing:
+        raise ValueError(f"benchmark {name!r}: missing column(s) {missing}; expected {COLUMNS}")
+    if len(df) == 0:
+        raise ValueError(f"benchmark {name!r} is empty")
+    bad_kind = sorted(set(df["kind"]) - {"math", "mcq"})
+    if bad_kind:
+        raise ValueError(f"benchmark {name!r}: kind {bad_kind} not in ('math', 'mcq')")
+    if df["id"].duplicated().any():
+        dup = df["id"][df["id"].duplicated()].iloc[0]
+        raise ValueError(f"benchmark {name!r}: duplicate id {dup!r}")
+    for col in ("prompt", "answer"):
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            raise ValueError(f"benchmark {name!r}: empty {col} for id {df['id'][empty].iloc[0]!r}")
+    return df
+
+
+def write_benchmark(rows: list[dict], out: str | Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vopd.io import atomic_path
+
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("problem", pa.string()),
+            ("prompt", pa.string()),
+            ("answer", pa.string()),
+            ("choices", pa.list_(pa.string())),
+            ("kind", pa.string()),
+            ("source", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+
+
+def benchmark_path(name_or_path: str, root: str | Path = RESOURCES) -> Path:
+    """A Parquet path as given, or the prepared file of a registered or toy benchmark name."""
+    if name_or_path.endswith(".parquet") or os.sep in name_or_path:
+        return Path(name_or_path)
+    name = canonical_name(name_or_path)
+    if name is None:
+        raise ValueError(
+            f"unknown benchmark {name_or_path!r}: expected a .parquet path or one of {_known()}"
+        )
+    root = Path(root)
+    return (
+        root / "toy" / "benchmarks" / f"{name}.parquet"
+        if name in TOY_BENCHMARKS
+        else (root / "benchmarks" / f"{name}.parquet")
+    )
+
+
+def load_benchmark(name_or_path: str, root: str | Path = RESOURCES):
+    """The validated benchmark DataFrame for a name or a Parquet path."""
+    import pandas as pd
+
+    path = benchmark_path(name_or_path, root)
+    if not path.is_file():
+        name = canonical_name(path.stem)
+        if name is None:
+            raise ValueError(f"benchmark file {str(path)!r} does not exist")
+        hint = (
+            "python -m vopd.toy world --out resources/toy"
+            if name in TOY_BENCHMARKS
+            else f"python -m vopd.data prepare --benchmark {name} --out {path}"
+        )
+        raise ValueError(f"benchmark file {str(path)!r} does not exist; create it with: {hint}")
+    return validate(pd.read_parquet(path), str(name_or_path))
+
+
+def prepare(
+    name: str,
+    *,
+    path: str | None = None,
+    fields: dict | None = None,
+    hub_id: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    limit: int | None = None,
+    root: str | Path = RESOURCES,
+) -> list[dict]:
+    """Normalised rows of benchmark ``name`` from ``path`` (local) or from the hub."""
+    canon = canonical_name(name)
+    if canon is None:
+        raise ValueError(f"unknown benchmark {name!r}: expected one of {_known()}")
+    if canon in TOY_BENCHMARKS:
+        src = Path(path) if path else benchmark_path(canon, root)
+        df = load_benchmark(str(src))
+        return df.head(limit).to_dict(orient="records") if limit else df.to_dict(orient="records")
+    spec = REGISTRY[canon]
+    if path:
+        rows, source = read_rows(path), f"{canon} (local {Path(path).name})"
+        if rows and all(c in rows[0] for c in ("id", "prompt", "answer", "kind")):
+            import pandas as pd  # already normalised: validate and pass through
+
+            df = validate(pd.DataFrame(rows), str(path))
+            return (
+                df.head(limit).to_dict(orient="records") if limit else df.to_dict(orient="records")
+            )
+    else:
+        hub_id, split = hub_id or spec.hub_id, split or spec.split
+        config = config if config is not None else spec.config
+        rows, source = read_hub(spec, hub_id, split, config), f"{canon} ({hub_id}, {split})"
+    return normalize(rows, spec, fields=fields, source=source, limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_fields(items: list[str]) -> dict:
+    fields = {}
+    for item in items:
+        key, sep, col = item.partition("=")
+        if not sep or not key or not col:
+            raise SystemExit(f"--field {item!r}: expected KEY=COLUMN, e.g. problem=question")
+        fields[key.strip()] = col.strip()
+    return fields
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vopd.data", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="normalise one benchmark to Parquet")
+    p.add_argument("--benchmark", required=True, help=f"one of {_known()}")
+    p.add_argument("--path", help="local .jsonl/.json/.parquet/.csv instead of the hub")
+    p.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN")
+    p.add_argument("--hub-id", help="override the hub dataset id")
+    p.add_argument("--split")
+    p.add_argument("--config", help="hub dataset config (subset) name")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--out", required=True, help="output .parquet")
+    sub.add_parser("list", help="list the registered benchmarks")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        for s in REGISTRY.values():
+            print(
+                f"{s.name:14s} {s.kind:5s} {s.hub_id} [{s.split}]" + (" (gated)" if s.gated else "")
+            )
+        for t in TOY_BENCHMARKS:
+            print(f"{t:14s} math  resources/toy/benchmarks/{t}.parquet (python -m vopd.toy world)")
+        return
+    try:
+        rows = prepare(
+            args.benchmark,
+            path=args.path,
+            fields=_parse_fields(args.field),
+            hub_id=args.hub_id,
+            split=args.split,
+            config=args.config,
+            limit=args.limit,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    write_benchmark(rows, args.out)
+    kinds = sorted({r["kind"] for r in rows})
+    print(f"{'benchmark':12s} {'rows':>6s}  kind  out", file=sys.stderr)
+    print(f"{args.benchmark:12s} {len(rows):6d}  {','.join(kinds):4s}  {args.out}", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "benchmark": canonical_name(args.benchmark),
+                "rows": len(rows),
+                "kind": kinds,
+                "out": str(args.out),
+                "source": rows[0]["source"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

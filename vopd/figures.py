@@ -1,0 +1,219 @@
+"""The report's figures (PNG + PDF), drawn from the aggregated Parquet files.
+
+    python -m vopd.report --results-dir results/toy --what figures [--only accuracy]
+
+- ``accuracy``: the headline metric per estimator, one panel per benchmark; bar = mean over
+  seeds, error bar = 95% bootstrap CI of that mean, dots = seeds, dashed = untrained models.
+- ``training_curves``: KL to the teacher, gradient norm, response length and entropy against the
+  step; line = mean over seeds of a rolling mean, band = ± one std over seeds.
+- ``variance_ratio``: probe total variance / the reference estimator's at the same checkpoint
+  (left) and the Adam proxy of each run / the reference run's with the same seed (right).
+- ``cost``: best step time and peak memory against the vocabulary size (log-log).
+
+Files are written atomically; PDFs carry no creation date, so reruns give identical files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from vopd.io import atomic_path
+from vopd.report import (
+    ESTIMATOR_ORDER,
+    cost_summary,
+    estimator_order,
+    load,
+    per_seed_accuracy,
+    probe_ratios,
+    seed_stats,
+)
+
+CURVE_METRICS = ("kl_mean", "grad_norm", "response_len", "entropy")
+
+
+def color(estimator: str):
+    palette = plt.get_cmap("tab10").colors
+    if estimator in ESTIMATOR_ORDER:
+        return palette[ESTIMATOR_ORDER.index(estimator)]
+    return palette[6 + sum(map(ord, estimator)) % 4]
+
+
+def save(fig, results_dir: Path, name: str) -> None:
+    for ext in ("png", "pdf"):
+        with atomic_path(results_dir / "figures" / f"{name}.{ext}") as tmp:
+            meta = {"CreationDate": None} if ext == "pdf" else {}
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=meta)
+    plt.close(fig)
+
+
+def _band(ax, steps, mean, std, est, label):
+    ax.plot(steps, mean, color=color(est), label=label, lw=1.5)
+    ax.fill_between(steps, mean - std, mean + std, color=color(est), alpha=0.2, lw=0)
+
+
+# ---- figures --------------------------------------------------------------------------------
+
+
+def accuracy(results_dir: Path, args):
+    wide, metrics, steps = per_seed_accuracy(load(results_dir, "runs"), args.metric)
+    refs = load(results_dir, "references", required=False)
+    benches = list(metrics)
+    ests = estimator_order(wide.index.get_level_values(0).unique())
+    fig, axes = plt.subplots(
+        1, len(benches), figsize=(1.2 + 1.1 * len(ests) * len(benches), 3.6), squeeze=False
+    )
+    for ax, bench in zip(axes[0], benches, strict=True):
+        for i, est in enumerate(ests):
+            vals = wide.loc[est, bench].dropna().to_numpy()
+            s = seed_stats(vals)
+            ax.bar(i, s["mean"], color=color(est), alpha=0.75)
+            ax.errorbar(
+                i,
+                s["mean"],
+                yerr=[[s["mean"] - s["ci_lo"]], [s["ci_hi"] - s["mean"]]],
+                color="black",
+                capsize=3,
+                lw=1,
+            )
+            jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else [0.0]
+            ax.scatter(i + np.asarray(jitter), vals, color="black", s=8, zorder=3)
+        if refs is not None and not refs.empty:
+            for model, style in (("student", ":"), ("teacher", "--")):
+                sel = refs[
+                    (refs["model"] == model)
+                    & (refs["benchmark"] == bench)
+                    & (refs["metric"] == metrics[bench])
+                ]
+                if len(sel):
+                    ax.axhline(
+                        float(sel["value"].iloc[0]),
+                        color="gray",
+                        ls=style,
+                        lw=1,
+                        label=f"{model} (untrained)",
+                    )
+                    ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(range(len(ests)), ests, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{bench} (step {steps[bench]})", fontsize=9)
+        ax.set_ylabel(metrics[bench])
+    fig.tight_layout()
+    save(fig, results_dir, "accuracy")
+
+
+def training_curves(results_dir: Path, args):
+    runs = load(results_dir, "runs")
+    tr = runs[runs["benchmark"] == "train"]
+    metrics = [m for m in CURVE_METRICS if m in set(tr["metric"])] or sorted(set(tr["metric"]))[:4]
+    if not metrics:
+        raise SystemExit("runs.parquet has no training rows (benchmark 'train')")
+    ncols = 2 if len(metrics) > 1 else 1
+    nrows = int(np.ceil(len(metrics) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        sel = tr[tr["metric"] == metric]
+        for est in estimator_order(sel["estimator"].unique()):
+            wide = sel[sel["estimator"] == est].pivot(index="step", columns="seed", values="value")
+            smooth = wide.rolling(args.smooth, min_periods=1).mean()
+            std = (
+                smooth.std(axis=1, ddof=1).fillna(0.0)
+                if smooth.shape[1] > 1
+                else 0.0 * smooth.iloc[:, 0]
+            )
+            _band(ax, smooth.index, smooth.mean(axis=1), std, est, est)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(metric)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, results_dir, "training_curves")
+
+
+def variance_ratio(results_dir: Path, args):
+    var = load(results_dir, "variance")
+    ref = args.reference_estimator
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))
+    ratios = probe_ratios(var, ref)
+    tv = ratios[ratios["probe"] == "total_variance"]
+    if tv.empty:
+        tv = ratios  # whatever variance-type probe there is
+    for est in estimator_order(tv["estimator"].unique()):
+        g = tv[tv["estimator"] == est]
+        probe = g["probe"].iloc[0]
+        stats = g.groupby("step")["ratio"].agg(["mean", "std"]).fillna(0.0)
+        left.errorbar(
+            stats.index,
+            stats["mean"],
+            yerr=stats["std"],
+            color=color(est),
+            marker="o",
+            capsize=3,
+            label=est if probe == "total_variance" else f"{est} {probe}",
+        )
+    left.axhline(1.0, color="gray", lw=0.8, ls="--")
+    left.set_xlabel("checkpoint step")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_ylabel(f"total variance / {ref}")
+    left.set_title("probes at fixed checkpoints", fontsize=9)
+    if not tv.empty:
+        left.legend(fontsize=7)
+    train = var[(var["source"] == "train") & (var["probe"] == "adam_proxy")]
+    if not train.empty and ref in set(train["estimator"]):
+        wide = train.pivot_table(index="step", columns=["estimator", "seed"], values="value")
+        smooth = wide.rolling(args.smooth, min_periods=1).mean()
+        for est in estimator_order(train["estimator"].unique()):
+            seeds = [s for s in smooth[est].columns if s in smooth[ref].columns]
+            ratio = smooth[est][seeds] / smooth[ref][seeds]
+            std = (
+                ratio.std(axis=1, ddof=1).fillna(0.0) if len(seeds) > 1 else 0.0 * ratio.iloc[:, 0]
+            )
+            _band(right, ratio.index, ratio.mean(axis=1), std, est, est)
+        right.axhline(1.0, color="gray", lw=0.8, ls="--")
+        right.set_yscale("log")
+        right.legend(fontsize=7)
+    right.set_xlabel("training step")
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_ylabel(f"Adam proxy / {ref} (same seed)")
+    right.set_title("Adam-moment proxy during training", fontsize=9)
+    fig.tight_layout()
+    save(fig, results_dir, "variance_ratio")
+
+
+def cost(results_dir: Path, args):
+    agg, _ = cost_summary(load(results_dir, "profile"), args.reference_estimator)
+    agg = agg[agg["seq_len"] == agg["seq_len"].max()]
+    agg = agg[agg["batch"] == agg["batch"].min()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))
+    for est in estimator_order(agg["estimator"].unique()):
+        g = agg[agg["estimator"] == est].groupby("vocab_size")[["step_s", "peak_mem_bytes"]].min()
+        left.plot(g.index, g["step_s"], marker="o", color=color(est), label=est)
+        right.plot(g.index, g["peak_mem_bytes"] / 2**20, marker="o", color=color(est), label=est)
+    device = ", ".join(sorted(map(str, agg["device"].unique())))
+    for ax, ylabel in ((left, "time of loss + backward (s)"), (right, "peak memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"T = {agg['seq_len'].max()}, B = {agg['batch'].min()}, {device}", fontsize=9)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, results_dir, "cost")
+
+
+DRAW = {
+    "accuracy": accuracy,
+    "training_curves": training_curves,
+    "variance_ratio": variance_ratio,
+    "cost": cost,
+}
+
+
+def draw(results_dir: Path, name: str, args) -> None:
+    DRAW[name](results_dir, args)

@@ -1,0 +1,516 @@
+"""Cost profiler: time and peak memory per estimator, for the loss alone or a full training step.
+
+    python -m vopd.profile --out results/toy/profile/profile.parquet          # modest default sweep
+    python -m vopd.profile --mode loss --vocab 27,32000,151936 --seq-len 256,1024,4096 \
+        --batch 1 --naive --out results/toy/profile/loss_full.parquet        # the full loss sweep
+    python -m vopd.profile --mode train_step --model-config toy --vocab 27,32000,151936 \
+        --seq-len 32 --batch 16 --out results/toy/profile/train_step.parquet
+
+Modes:
+
+- ``loss``: one loss + backward on random [B, T, V] logits (no model): the estimator's own cost.
+  ``naive_vopd`` (``--naive``) is the reference the official code resembles
+  (opd_trainer.py:127-138): two full [B, T, V] log-softmax tensors held by autograd.
+- ``train_step``: one optimizer step of the OPD loop with the rollout excluded (it is the same for
+  every estimator): student forward with grad, teacher forward without, loss, backward, grad-norm
+  clip (1.0, the HF default the official run uses) and AdamW step, each segment timed. The models
+  are the toy architecture (issue 4: Llama, hidden 128, 3 layers, 4 heads, MLP 256, tied
+  embeddings) or the architecture of ``--model-config DIR`` (e.g. a saved toy model or a hub
+  model's ``config.json``), randomly initialised, with the swept vocabulary size: cost does not
+  depend on the weights. Prompt + completion are random ids, T completion tokens after a
+  ``--prompt-len`` prompt; logits are kept only at the T completion positions
+  (``logits_to_keep``). Forward calls of each model are counted with hooks (claim C5: no estimator
+  needs an extra model call).
+
+Each variant runs in a fresh Python process, so one variant's allocator state cannot leak into the
+next, and a variant that fails (e.g. out of memory) is recorded with ``status`` and the sweep goes
+on. On CPU the peak is the process's peak RSS (``ru_maxrss``, interpreter and torch included:
+``base_bytes`` is the RSS before the inputs existed) with glibc's mmap threshold pinned
+(``MALLOC_MMAP_THRESHOLD_``) so freed buffers return to the OS; on CUDA it is
+``torch.cuda.max_memory_allocated`` after a synchronize. ``above_inputs_bytes`` subtracts what the
+process held once the inputs (and models) existed: what the step itself costs. Time: after one
+warm-up step, the best of ``--repeats`` timings, each the mean of enough back-to-back steps to
+last >= 50 ms (tiny variants are otherwise timer noise). Prints a table and one final JSON line;
+``--out`` writes Parquet with ``estimator, vocab_size, seq_len, batch, step_s, peak_mem_bytes,
+device`` (design.md results contract) and the extras above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+NAIVE = "naive_vopd"
+MODES = ("loss", "train_step")
+TOY_VOCAB = 27  # vopd.toy tokenizer: 23 characters + <pad> <bos> <eos> <unk>
+# Issue 4: the toy Llama that learns 3-term sums on 2 CPU cores.
+TOY_ARCH = {
+    "hidden_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 256,
+    "tie_word_embeddings": True,
+}
+DEFAULTS = {  # modest sweeps that finish in minutes on 2 CPU cores (see the module docstring)
+    "loss": {"vocab": f"{TOY_VOCAB},32000,151936", "seq_len": "256", "batch": "2"},
+    "train_step": {"vocab": f"{TOY_VOCAB},32000,151936", "seq_len": "32", "batch": "16"},
+}
+_MIN_TIMING_S = 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive reference: what a direct implementation holds.
+
+
+def naive_vopd(student_BTV, teacher_BTV, tokens_BT, mask_BT, **_):
+    """vOPD written directly: log_softmax of both models over the full vocabulary, as the
+    official code does; the gradient equals ``vopd``'s, the memory does not."""
+    import torch
+
+    logp_BTV = torch.log_softmax(student_BTV.float(), -1)
+    logq_BTV = torch.log_softmax(teacher_BTV.float(), -1)
+    kl_BT = (logp_BTV.exp() * (logp_BTV - logq_BTV)).sum(-1)
+    logp_y = logp_BTV.gather(-1, tokens_BT[..., None])[..., 0]
+    logq_y = logq_BTV.gather(-1, tokens_BT[..., None])[..., 0]
+    m = mask_BT.float()
+    adv = (logq_y - logp_y + kl_BT).detach()  # sg[r + KL]
+    return -(m * adv * logp_y).sum() / m.sum(), {}
+
+
+def _estimator(name: str, vocab_size: int, top_k: int):
+    from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
+
+    fn = naive_vopd if name == NAIVE else ESTIMATORS[name]
+    opts = {"top_k": min(top_k, vocab_size)} if "top_k" in ESTIMATOR_OPTIONS.get(name, ()) else {}
+    return fn, opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and time, in this process.
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Meter:
+    """Current and peak memory of this process's device: RSS on CPU, the allocator on CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.device(device).type == "cuda"
+
+    def now(self) -> int:
+        return self.torch.cuda.memory_allocated() if self.cuda else _rss_bytes()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+
+def _best_time(step, meter: _Meter, repeats: int) -> tuple[float, float, int]:
+    """(best, median) seconds per step over ``repeats`` timings, each the mean of ``inner``
+    back-to-back steps, ``inner`` chosen from the warm-up so one timing lasts >= 50 ms."""
+    t0 = time.perf_counter()
+    step()  # warm-up: allocator and kernel caches
+    meter.sync()
+    first = time.perf_counter() - t0
+    inner = max(1, min(1000, int(_MIN_TIMING_S / max(first, 1e-6)) + 1))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            step()
+        meter.sync()
+        times.append((time.perf_counter() - t0) / inner)
+    return min(times), sorted(times)[len(times) // 2], inner
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode "loss": the estimator alone.
+
+
+def measure_one(
+    estimator: str,
+    vocab_size: int,
+    seq_len: int,
+    batch: int,
+    *,
+    dtype="float32",
+    device="cpu",
+    top_k=100,
+    repeats=3,
+    seed=0,
+    threads=None,
+) -> dict:
+    """Time and peak memory of one loss + backward on random logits, in this process."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    fn, opts = _estimator(estimator, vocab_size, top_k)
+    dev, meter = torch.device(device), _Meter(device)
+    torch.manual_seed(seed)
+    dt = getattr(torch, dtype)
+    base = meter.now()
+    student = torch.randn(batch, seq_len, vocab_size, dtype=dt, device=dev, requires_grad=True)
+    teacher = torch.randn(batch, seq_len, vocab_size, dtype=dt, device=dev)
+    tokens = torch.randint(0, vocab_size, (batch, seq_len), device=dev)
+    mask = torch.ones(batch, seq_len, dtype=torch.bool, device=dev)
+    inputs = meter.now()
+    meter.reset_peak()
+
+    def step():
+        loss, _ = fn(student, teacher, tokens, mask, **opts)
+        loss.backward()
+        student.grad = None
+
+    best, median, inner = _best_time(step, meter, repeats)
+    peak = meter.peak()
+    return {
+        "mode": "loss",
+        "estimator": estimator,
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": dtype,
+        "step_s": best,
+        "step_s_median": median,
+        "inner_steps": inner,
+        "peak_mem_bytes": int(peak),
+        "base_bytes": int(base),
+        "input_bytes": int(inputs - base),
+        "above_inputs_bytes": int(peak - inputs),
+        "device": dev.type,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "top_k": opts.get("top_k"),
+        "status": "ok",
+    }
+
+
+def _counter(calls: dict, role: str):
+    def hook(*_):
+        calls[role] += 1
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode "train_step": student forward + teacher forward + loss + backward + optimizer step.
+
+
+def build_model(model_config: str, vocab_size: int, *, seed: int, dtype, device, max_len: int):
+    """A randomly initialised causal LM: the toy architecture (``"toy"``) or the architecture of a
+    local ``config.json`` directory, with ``vocab_size`` logit rows and dropout off."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if model_config == "toy":
+        config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_len, **TOY_ARCH)
+    else:
+        config = AutoConfig.from_pretrained(model_config)
+        config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    return model
+
+
+def measure_train_step(
+    estimator: str,
+    vocab_size: int,
+    seq_len: int,
+    batch: int,
+    *,
+    model_config="toy",
+    prompt_len=12,
+    dtype="float32",
+    device="cpu",
+    top_k=100,
+    repeats=3,
+    seed=0,
+    threads=None,
+    lr=1e-5,
+    max_grad_norm=1.0,
+) -> dict:
+    """Time (per segment) and peak memory of one OPD optimizer step without the rollout."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    fn, opts = _estimator(estimator, vocab_size, top_k)
+    dev, meter = torch.device(device), _Meter(device)
+    dt = getattr(torch, dtype)
+    base = meter.now()
+    L = prompt_len + seq_len
+    student = build_model(model_config, vocab_size, seed=seed, dtype=dt, device=dev, max_len=L)
+    teacher = build_model(model_config, vocab_size, seed=seed + 1, dtype=dt, device=dev, max_len=L)
+    student.train()
+    teacher.eval().requires_grad_(False)
+    # lr 1e-5, weight decay 0: official configs/training/default.yaml (cost does not depend on it)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    calls = {"student": 0, "teacher": 0}
+    for role, model in (("student", student), ("teacher", teacher)):
+        model.register_forward_hook(_counter(calls, role))
+    gen = torch.Generator().manual_seed(seed)
+    ids_BL = torch.randint(0, vocab_size, (batch, L), generator=gen).to(dev)
+    tokens_BT = ids_BL[:, prompt_len:]
+    mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=dev)
+    inputs = meter.now()
+    meter.reset_peak()
+    seg = dict.fromkeys(("student_fwd_s", "teacher_fwd_s", "loss_s", "backward_s", "optim_s"), 0.0)
+
+    def tick(key, t0):
+        meter.sync()
+        t1 = time.perf_counter()
+        seg[key] += t1 - t0
+        return t1
+
+    def step():
+        t = time.perf_counter()
+        # position t of the kept logits predicts completion token t: keep the T + 1 last
+        # positions and drop the one that predicts past the end.
+        s_BTV = student(ids_BL, logits_to_keep=seq_len + 1).logits[:, :-1]
+        t = tick("student_fwd_s", t)
+        with torch.no_grad():
+            q_BTV = teacher(ids_BL, logits_to_keep=seq_len + 1).logits[:, :-1]
+        t = tick("teacher_fwd_s", t)
+        loss, _ = fn(s_BTV, q_BTV, tokens_BT, mask_BT, **opts)
+        t = tick("loss_s", t)
+        loss.backward()
+        t = tick("backward_s", t)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tick("optim_s", t)
+
+    step()  # warm-up outside the timing: the first AdamW step allocates its moments
+    meter.sync()
+    for k in seg:
+        seg[k] = 0.0
+    calls.update(student=0, teacher=0)
+    best, median, inner = _best_time(step, meter, repeats)
+    n_steps = 1 + inner * repeats  # _best_time's own warm-up + the timed steps
+    peak = meter.peak()
+    return {
+        "mode": "train_step",
+        "estimator": estimator,
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": dtype,
+        "step_s": best,
+        "step_s_median": median,
+        "inner_steps": inner,
+        **{k: v / n_steps for k, v in seg.items()},  # mean per step of each segment
+        "student_forwards_per_step": calls["student"] / n_steps,
+        "teacher_forwards_per_step": calls["teacher"] / n_steps,
+        "peak_mem_bytes": int(peak),
+        "base_bytes": int(base),
+        "input_bytes": int(inputs - base),  # models + optimizer-free inputs
+        "above_inputs_bytes": int(peak - inputs),
+        "device": dev.type,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "top_k": opts.get("top_k"),
+        "model_config": model_config,
+        "prompt_len": prompt_len,
+        "params": sum(p.numel() for p in student.parameters()),
+        "status": "ok",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Many variants, each in a fresh process.
+
+
+def measure_isolated(spec: dict, timeout: float = 1800) -> dict:
+    """Run one variant (``spec["mode"]``, default ``loss``) in a fresh interpreter. A failure
+    (non-zero exit, killed, timeout) comes back as a row with ``status`` != "ok" and no numbers."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    failed = {k: spec.get(k) for k in ("estimator", "vocab_size", "seq_len", "batch")}
+    failed |= {"mode": spec.get("mode", "loss"), "device": spec.get("device", "cpu")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "vopd.profile", "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return failed | {"status": f"timeout after {timeout:.0f} s"}
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or [""]
+        why = "killed (SIGKILL: out of memory?)" if out.returncode == -9 else tail[0][-300:]
+        return failed | {"status": f"failed: {why}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict], ref: str = "sample_opd") -> str:
+    """A fixed-width table with ratios to ``ref`` at the same (mode, V, T, B)."""
+
+    def key(r, name):
+        return (r.get("mode", "loss"), r["vocab_size"], r["seq_len"], r["batch"], name)
+
+    ok = {key(r, r["estimator"]): r for r in rows if r.get("status", "ok") == "ok"}
+    head = (
+        f"{'mode':<11}{'estimator':<13}{'V':>8}{'T':>6}{'B':>4}{'step_s':>9}{'x ref':>7}"
+        f"{'peak_MiB':>10}{'x ref':>7}{'above_in_MiB':>14}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lead = (
+            f"{r.get('mode', 'loss'):<11}{r['estimator']:<13}{r['vocab_size']:>8}"
+            f"{r['seq_len']:>6}{r['batch']:>4}"
+        )
+        if r.get("status", "ok") != "ok":
+            lines.append(f"{lead}  {r['status']}")
+            continue
+        base = ok.get(key(r, ref))
+        rt = r["step_s"] / base["step_s"] if base else float("nan")
+        rm = r["peak_mem_bytes"] / base["peak_mem_bytes"] if base else float("nan")
+        lines.append(
+            f"{lead}{r['step_s']:>9.4f}{rt:>7.2f}{r['peak_mem_bytes'] / 2**20:>10.0f}{rm:>7.2f}"
+            f"{r['above_inputs_bytes'] / 2**20:>14.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _items(values: list[str] | str) -> list[str]:
+    """``["27,32000", "151936"]`` (commas, spaces or both) -> ``["27", "32000", "151936"]``."""
+    values = [values] if isinstance(values, str) else values
+    return [x.strip() for v in values for x in str(v).split(",") if x.strip()]
+
+
+def _ints(values: list[str] | str, what: str, lo: int) -> list[int]:
+    try:
+        out = [int(x) for x in _items(values)]
+    except ValueError:
+        raise SystemExit(f"{what}: expected integers, got {values!r}") from None
+    if not out or any(v < lo for v in out):
+        raise SystemExit(f"{what} {values!r}: expected integers >= {lo}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vopd.estimators import ESTIMATORS
+
+    ap = argparse.ArgumentParser(prog="python -m vopd.profile", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="Parquet file for the results")
+    ap.add_argument("--mode", default="loss", choices=MODES, help="what one step is (see above)")
+    ap.add_argument("--vocab", nargs="+", help="vocabulary sizes (default: see DEFAULTS)")
+    ap.add_argument("--seq-len", nargs="+", help="completion tokens T per sequence")
+    ap.add_argument("--batch", nargs="+", help="sequences B")
+    ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
+    ap.add_argument("--naive", action="store_true", help="also profile the naive reference")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument(
+        "--top-k", type=int, default=100, help="k of the top-k estimators (capped at V)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timings per variant (best is kept)")
+    ap.add_argument("--threads", type=int, help="torch threads per variant (default: torch's)")
+    ap.add_argument("--model-config", default="toy", help="train_step: 'toy' or a config dir")
+    ap.add_argument("--prompt-len", type=int, default=12, help="train_step: prompt tokens")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant, in this process
+    args = ap.parse_args(argv)
+    if args.one:
+        spec = json.loads(args.one)
+        measure = measure_train_step if spec.pop("mode", "loss") == "train_step" else measure_one
+        print(json.dumps(measure(**spec)))
+        return
+    names = _items(args.estimators)
+    names = list(ESTIMATORS) if names == ["all"] else list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        raise SystemExit(f"unknown estimator(s) {unknown}: expected names from {list(ESTIMATORS)}")
+    if args.device.startswith("cuda") and not _cuda():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    if args.top_k < 1 or args.repeats < 1 or args.prompt_len < 1:
+        raise SystemExit("--top-k, --repeats and --prompt-len: expected integers >= 1")
+    if (
+        args.mode == "train_step"
+        and args.model_config != "toy"
+        and not os.path.isfile(os.path.join(args.model_config, "config.json"))
+    ):
+        raise SystemExit(f"--model-config {args.model_config!r}: no config.json there")
+    d = DEFAULTS[args.mode]
+    vocab = _ints(args.vocab or d["vocab"], "--vocab", 2)
+    seq_len = _ints(args.seq_len or d["seq_len"], "--seq-len", 1)
+    batch = _ints(args.batch or d["batch"], "--batch", 1)
+    names += [NAIVE] if args.naive else []
+    common = {
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "device": args.device,
+        "top_k": args.top_k,
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
+    if args.mode == "train_step":
+        common |= {"model_config": args.model_config, "prompt_len": args.prompt_len}
+    specs = [
+        {"estimator": n, "vocab_size": v, "seq_len": t, "batch": b, **common}
+        for v in vocab
+        for t in seq_len
+        for b in batch
+        for n in names
+    ]
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(specs, desc=f"profile {args.mode}", file=sys.stderr)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec['estimator']} V={spec['vocab_size']} T={spec['seq_len']}")
+        rows.append(measure_isolated(spec, timeout=args.timeout))
+    print(format_table(rows))
+    if args.out:
+        import pandas as pd
+
+        from vopd.io import write_parquet
+
+        write_parquet(args.out, pd.DataFrame(rows))
+    print(json.dumps({"profile": rows}))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,654 @@
+"""Tables, figures and ``report.md`` from an experiment's aggregated Parquet files.
+
+    python -m vopd.report --results-dir results/toy [--what tables|figures|summary|all]
+        [--only accuracy,cost] [--metric avg] [--smooth 5] [--reference-estimator sample_opd]
+
+Reads ``runs.parquet``, ``references.parquet``, ``variance.parquet`` and ``profile.parquet``
+(``python -m vopd.aggregate``; files only, never torch) and writes, atomically:
+
+- ``tables/{accuracy,training,variance,cost}.{csv,md}``: one row per estimator, mean ± sample std
+  over training seeds and a 95% bootstrap CI of the mean over seeds. Accuracy is the headline
+  metric (``avg@n`` by default, the real n) of each benchmark at the last evaluated step, their
+  mean over benchmarks, and the seed-paired difference to the reference estimator (the runs of
+  one seed share the student's initial weights and the prompt order, so pairing removes that
+  noise). Variance: probe ratios to the reference estimator at the same checkpoint, and the
+  Adam-proxy ratio over training (ratio of the training means, per seed). Cost: time and peak
+  memory per estimator and (V, T), with ratios to the reference estimator.
+- ``figures/*.{png,pdf}`` (see :mod:`vopd.figures`) and ``report.md``, which embeds the tables
+  and figures and states what they say about the paper's claims C4, C6-C9 (paper-notes §4).
+
+The bootstrap is exact for up to 8 seeds: every resample is enumerated with its multinomial
+probability (no random numbers, so the tables are reproducible to the last digit); above that a
+seeded Monte Carlo bootstrap (10,000 resamples). Both use the same percentile rule: the bound at
+level q is the smallest resampled mean whose cumulative probability reaches q.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vopd.io import write_text
+
+# The order of vopd.estimators.ESTIMATORS (not imported: this module never imports torch).
+ESTIMATOR_ORDER = ("sample_opd", "vopd", "vopd_topk", "full_opd", "topk_opd", "opt_baseline")
+TABLES = ("accuracy", "training", "variance", "cost")
+FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost")
+TRAINING_METRICS = ("kl_mean", "reward_mean", "entropy", "response_len", "grad_norm", "step_s")
+# The probes the Markdown variance table shows (variance.csv has all of them): ratios to the
+# reference estimator, then raw values (names of python -m vopd.variance).
+MD_RATIO_PROBES = ("total_variance", "exact_position_variance")
+MD_RAW_PROBES = ("cosine_to_full_opd_debiased", "bias_ratio_vs_full_opd")
+EXACT_MAX_N = 8
+LEVEL = 0.95
+
+
+# ---- statistics over seeds ------------------------------------------------------------------
+
+
+def exact_bootstrap(values) -> tuple[np.ndarray, np.ndarray]:
+    """The exact bootstrap distribution of the mean: every multiset of n draws with replacement,
+    its mean and its probability n! / (prod_i c_i!) / n^n. Returns (means, probs), sorted."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    means, probs = [], []
+    for combo in itertools.combinations_with_replacement(range(n), n):
+        counts = Counter(combo)
+        log_p = math.lgamma(n + 1) - sum(math.lgamma(c + 1) for c in counts.values())
+        probs.append(math.exp(log_p - n * math.log(n)))
+        means.append(sum(x[i] * c for i, c in counts.items()) / n)
+    order = np.argsort(means, kind="stable")
+    return np.asarray(means)[order], np.asarray(probs)[order]
+
+
+def bootstrap_ci(values, level: float = LEVEL, n_boot: int = 10_000, seed: int = 0):
+    """(lo, hi) percentile bootstrap CI of the mean (exact for n <= 8, else seeded Monte Carlo)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("bootstrap_ci: no values")
+    alpha = (1.0 - level) / 2.0
+    if len(x) <= EXACT_MAX_N:
+        means, probs = exact_bootstrap(x)
+    else:
+        idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+        means = np.sort(x[idx].mean(axis=1))
+        probs = np.full(n_boot, 1.0 / n_boot)
+    cdf = np.cumsum(probs)
+    eps = 1e-12  # cumulative sums of exact probabilities may round just below the level
+
+    def bound(q: float) -> float:
+        return float(means[np.searchsorted(cdf, q - eps, side="left")])
+
+    return bound(alpha), bound(1.0 - alpha)
+
+
+def seed_stats(values) -> dict:
+    """n, mean, sample std (ddof 1; NaN for one seed) and the bootstrap CI of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    lo, hi = bootstrap_ci(x)
+    std = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+    return {"n_seeds": len(x), "mean": float(x.mean()), "std": std, "ci_lo": lo, "ci_hi": hi}
+
+
+def fmt_num(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if abs(x) < 1e-12 * (1 + abs(x)):  # float noise of an exact zero (e.g. a std of equal values)
+        x = 0.0
+    if x == 0 or 1e-2 <= abs(x) < 1e4:
+        return f"{x:.3f}"
+    return f"{x:.3g}"
+
+
+def fmt_stats(s: dict) -> str:
+    """'0.712 ± 0.031 [0.680, 0.740]' (one seed: the value alone)."""
+    if s["n_seeds"] == 1:
+        return fmt_num(s["mean"])
+    return (
+        f"{fmt_num(s['mean'])} ± {fmt_num(s['std'])} [{fmt_num(s['ci_lo'])}, {fmt_num(s['ci_hi'])}]"
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def estimator_order(names) -> list[str]:
+    names = set(names)
+    known = [e for e in ESTIMATOR_ORDER if e in names]
+    return known + sorted(names - set(known))
+
+
+# ---- accuracy -------------------------------------------------------------------------------
+
+
+def headline_metric(metrics, family: str) -> str:
+    """The metric ``{family}@n`` with the largest n among ``metrics`` (pass@k: k = n)."""
+    found = [
+        m for m in set(metrics) if m.startswith(f"{family}@") and m[len(family) + 1 :].isdigit()
+    ]
+    if not found:
+        raise SystemExit(f"no {family}@n metric among {sorted(set(metrics))}")
+    return max(found, key=lambda m: int(m.split("@")[1]))
+
+
+def per_seed_accuracy(runs: pd.DataFrame, family: str):
+    """(wide, metrics, steps): wide = (estimator, seed) x benchmark of the headline metric at
+    each benchmark's last evaluated step, plus an ``average`` column (mean over benchmarks)."""
+    ev = runs[runs["benchmark"] != "train"]
+    if ev.empty:
+        raise SystemExit("runs.parquet has no evaluation rows (only benchmark 'train')")
+    parts, metrics, steps = [], {}, {}
+    for bench in sorted(ev["benchmark"].unique()):
+        rows = ev[ev["benchmark"] == bench]
+        metrics[bench] = headline_metric(rows["metric"], family)
+        steps[bench] = int(rows["step"].max())
+        sel = rows[(rows["metric"] == metrics[bench]) & (rows["step"] == steps[bench])]
+        parts.append(sel.set_index(["estimator", "seed"])["value"].rename(bench))
+    wide = pd.concat(parts, axis=1)
+    wide["average"] = wide[list(metrics)].mean(axis=1, skipna=False)
+    return wide, metrics, steps
+
+
+def paired_delta(wide: pd.DataFrame, a: str, b: str, column: str = "average"):
+    """Per-seed ``a - b`` of ``column`` over the seeds both estimators have (None if none)."""
+    if a not in wide.index.get_level_values(0) or b not in wide.index.get_level_values(0):
+        return None
+    diff = (wide.loc[a, column] - wide.loc[b, column]).dropna()
+    return diff if len(diff) else None
+
+
+def accuracy_table(runs, references, family="avg", reference_estimator="sample_opd"):
+    wide, metrics, steps = per_seed_accuracy(runs, family)
+    benches = list(metrics)
+    columns = [*benches, "average"] if len(benches) > 1 else benches
+    ests = estimator_order(wide.index.get_level_values(0).unique())
+    csv_rows, md_rows = [], []
+    for est in ests:
+        cells = [est]
+        for col in columns:
+            s = seed_stats(wide.loc[est, col].dropna())
+            metric = metrics.get(col, f"{family}@n mean over benchmarks")
+            csv_rows.append(
+                {
+                    "estimator": est,
+                    "benchmark": col,
+                    "metric": metric,
+                    "step": steps.get(col, max(steps.values())),
+                    **s,
+                }
+            )
+            cells.append(fmt_stats(s))
+        delta = paired_delta(wide, est, reference_estimator, columns[-1])
+        if est != reference_estimator and delta is not None:
+            s = seed_stats(delta)
+            csv_rows.append(
+                {
+                    "estimator": est,
+                    "benchmark": columns[-1],
+                    "metric": f"delta_vs_{reference_estimator}",
+                    "step": steps.get(columns[-1], max(steps.values())),
+                    **s,
+                }
+            )
+            cells.append(f"{fmt_stats(s)} ({int((delta > 0).sum())}/{len(delta)} seeds > 0)")
+        else:
+            cells.append("—")
+        md_rows.append(cells)
+    if references is not None and not references.empty:
+        for model in sorted(references["model"].unique()):
+            cells, vals = [f"*{model} (untrained)*"], []
+            for bench in benches:
+                sel = references[
+                    (references["model"] == model)
+                    & (references["benchmark"] == bench)
+                    & (references["metric"] == metrics[bench])
+                ]
+                value = float(sel["value"].iloc[0]) if len(sel) else float("nan")
+                vals.append(value)
+                csv_rows.append(
+                    {
+                        "estimator": f"reference:{model}",
+                        "benchmark": bench,
+                        "metric": metrics[bench],
+                        "step": 0,
+                        "n_seeds": 1,
+                        "mean": value,
+                        "std": float("nan"),
+                        "ci_lo": value,
+                        "ci_hi": value,
+                    }
+                )
+                cells.append(fmt_num(value))
+            if len(benches) > 1:
+                cells.append(fmt_num(float(np.mean(vals))))
+            md_rows.append([*cells, "—"])
+    header = [
+        "estimator",
+        *[f"{c} {metrics[c]}" if c in metrics else c for c in columns],
+        f"Δ {columns[-1]} vs {reference_estimator} (paired by seed)",
+    ]
+    note = (
+        f"Step {max(steps.values())}; mean ± std over seeds [95% bootstrap CI of the mean]; "
+        f"{family}@n = the benchmark's headline metric with its n samples per problem.\n"
+    )
+    return pd.DataFrame(csv_rows), markdown_table(header, md_rows) + "\n" + note
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def training_table(runs, window: int = 5):
+    """Final-window means (last ``window`` logged steps) of the training metrics per seed, the
+    largest gradient norm over training, and the mean step time over training."""
+    tr = runs[runs["benchmark"] == "train"]
+    if tr.empty:
+        raise SystemExit("runs.parquet has no training rows (benchmark 'train')")
+    metrics = [m for m in TRAINING_METRICS if m in set(tr["metric"])]
+    specs = [(m, "final") for m in metrics if m != "step_s"]
+    if "grad_norm" in metrics:
+        specs.append(("grad_norm", "max"))
+    if "step_s" in metrics:
+        specs.append(("step_s", "mean"))
+    csv_rows, md_rows = [], []
+    for est in estimator_order(tr["estimator"].unique()):
+        cells = [est]
+        for metric, stat in specs:
+            per_seed = []
+            for _, g in tr[(tr["estimator"] == est) & (tr["metric"] == metric)].groupby("seed"):
+                g = g.sort_values("step")
+                if stat == "final":
+                    per_seed.append(g["value"].iloc[-window:].mean())
+                elif stat == "max":
+                    per_seed.append(g["value"].max())
+                else:
+                    per_seed.append(g["value"].mean())
+            s = seed_stats(per_seed)
+            csv_rows.append({"estimator": est, "metric": metric, "statistic": stat, **s})
+            cells.append(fmt_stats(s))
+        md_rows.append(cells)
+    header = ["estimator", *[f"{m} ({st})" for m, st in specs]]
+    note = (
+        f"final = mean of the last {window} logged steps; max / mean over all steps; "
+        "mean ± std over seeds [95% bootstrap CI].\n"
+    )
+    return pd.DataFrame(csv_rows), markdown_table(header, md_rows) + "\n" + note
+
+
+# ---- variance -------------------------------------------------------------------------------
+
+
+def is_variance_probe(name: str) -> bool:
+    return ("variance" in name or name.startswith("adam_proxy")) and "ratio" not in name
+
+
+def probe_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
+    """Probe rows of variance-type probes divided by the reference estimator's value at the
+    same checkpoint (run_estimator, seed, step, probe)."""
+    probes = var[(var["source"] == "probe") & var["probe"].map(is_variance_probe)]
+    keys = ["run_estimator", "seed", "step", "probe"]
+    ref = probes[probes["estimator"] == reference_estimator].set_index(keys)["value"]
+    out = probes.join(ref.rename("ref"), on=keys)
+    return out.assign(ratio=out["value"] / out["ref"]).dropna(subset=["ratio"])
+
+
+def adam_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
+    """Per (estimator, seed): mean Adam proxy over training / the reference run's (same seed)."""
+    train = var[(var["source"] == "train") & (var["probe"] == "adam_proxy")]
+    means = train.groupby(["estimator", "seed"])["value"].mean()
+    if reference_estimator not in means.index.get_level_values(0):
+        return pd.DataFrame(columns=["estimator", "seed", "ratio"])
+    ref = means.loc[reference_estimator]
+    rows = [
+        {"estimator": e, "seed": s, "ratio": v / ref[s]}
+        for (e, s), v in means.items()
+        if s in ref.index
+    ]
+    return pd.DataFrame(rows)
+
+
+def variance_table(var, reference_estimator="sample_opd"):
+    if var.empty:
+        raise SystemExit("variance.parquet is empty: no probes and no adam_* training metrics")
+    ratios = probe_ratios(var, reference_estimator)
+    adam = adam_ratios(var, reference_estimator)
+    others = var[(var["source"] == "probe") & ~var["probe"].map(is_variance_probe)]
+    csv_rows, header_cols = [], []
+    cells_by_est: dict[str, dict[str, str]] = {}
+    multi_run = ratios["run_estimator"].nunique() > 1
+
+    def label(est, run_est):
+        return f"{est} @ {run_est} checkpoints" if multi_run else est
+
+    shown_ratio = [p for p in MD_RATIO_PROBES if p in set(ratios["probe"])] or sorted(
+        set(ratios["probe"])
+    )
+    last_probe_step = ratios["step"].max() if not ratios.empty else None
+    for (run_est, probe, step, est), g in ratios.groupby(
+        ["run_estimator", "probe", "step", "estimator"]
+    ):
+        s = seed_stats(g["ratio"])
+        csv_rows.append(
+            {"estimator": est, "run_estimator": run_est, "probe": f"{probe}_ratio", "step": step}
+            | s
+        )
+        # Markdown: the headline probe at every step, the other shown ones at the last step.
+        if probe in shown_ratio and (probe == shown_ratio[0] or step == last_probe_step):
+            col = f"{probe} ratio @ step {step}"
+            header_cols.append(col)
+            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
+    last = others["step"].max() if not others.empty else None
+    for (run_est, probe, est), g in others[others["step"] == last].groupby(
+        ["run_estimator", "probe", "estimator"]
+    ):
+        s = seed_stats(g["value"])
+        csv_rows.append(
+            {"estimator": est, "run_estimator": run_est, "probe": probe, "step": last} | s
+        )
+        if probe in MD_RAW_PROBES:
+            col = f"{probe} @ step {last}"
+            header_cols.append(col)
+            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
+    for est, g in adam.groupby("estimator"):
+        s = seed_stats(g["ratio"])
+        csv_rows.append(
+            {"estimator": est, "run_estimator": est, "probe": "adam_proxy_ratio", "step": -1} | s
+        )
+        col = "Adam proxy ratio (own run, training mean)"
+        header_cols.append(col)
+        cells_by_est.setdefault(est, {})[col] = fmt_stats(s)
+
+    def column_order(col: str):
+        if col.startswith("Adam proxy"):
+            return (2, 0, 0)
+        name, _, step = col.partition(" @ step ")
+        if name.endswith(" ratio"):
+            return (0, shown_ratio.index(name[: -len(" ratio")]), int(step))
+        return (1, MD_RAW_PROBES.index(name), 0)
+
+    header_cols = sorted(dict.fromkeys(header_cols), key=column_order)
+    order = estimator_order({k.split(" @ ")[0] for k in cells_by_est})
+    rows = [
+        [k, *[cells_by_est[k].get(c, "—") for c in header_cols]]
+        for e in order
+        for k in sorted(cells_by_est)
+        if k.split(" @ ")[0] == e
+    ]
+    note = (
+        f"Ratios to {reference_estimator} (below 1 = less variance). Probes: the same "
+        "checkpoint for every estimator; Adam proxy: sum(v_hat - m_hat^2) of each estimator's "
+        "own run, ratio of training means paired by seed (step -1 in the CSV). "
+        "Mean ± std over seeds [95% bootstrap CI]. Every probe is in variance.csv.\n"
+    )
+    return pd.DataFrame(csv_rows), markdown_table(["estimator", *header_cols], rows) + "\n" + note
+
+
+# ---- cost -----------------------------------------------------------------------------------
+
+
+def cost_summary(prof: pd.DataFrame, reference_estimator="sample_opd") -> pd.DataFrame:
+    """Best (min) time and largest peak memory per configuration, with ratios to the reference
+    estimator in the same (device, extra settings, V, T, batch)."""
+    if "status" in prof.columns:  # variants that failed (e.g. out of memory) have no numbers
+        prof = prof[prof["status"].fillna("ok") == "ok"]
+    prof = prof[np.isfinite(prof["step_s"]) & np.isfinite(prof["peak_mem_bytes"])]
+    skip = ("estimator", "device", "status")
+    extra = [c for c in prof.columns if prof[c].dtype == object and c not in skip]
+    keys = ["device", *extra, "vocab_size", "seq_len", "batch"]
+    agg = prof.groupby([*keys, "estimator"], as_index=False).agg(
+        step_s=("step_s", "min"), peak_mem_bytes=("peak_mem_bytes", "max")
+    )
+    ref = agg[agg["estimator"] == reference_estimator].set_index(keys)
+    agg = agg.join(ref[["step_s", "peak_mem_bytes"]].add_suffix("_ref"), on=keys)
+    agg["time_ratio"] = agg["step_s"] / agg["step_s_ref"]
+    agg["mem_ratio"] = agg["peak_mem_bytes"] / agg["peak_mem_bytes_ref"]
+    return agg.drop(columns=["step_s_ref", "peak_mem_bytes_ref"]), keys
+
+
+def cost_table(prof, reference_estimator="sample_opd"):
+    agg, keys = cost_summary(prof, reference_estimator)
+    group_keys = keys[:-3]
+    md = []
+    for group, g in agg.groupby(group_keys):
+        group = group if isinstance(group, tuple) else (group,)
+        title = ", ".join(f"{k} = {v}" for k, v in zip(group_keys, group, strict=True))
+        configs = sorted({(r.vocab_size, r.seq_len, r.batch) for r in g.itertuples()})
+        header = ["estimator", *[f"V={v}, T={t}, B={b}" for v, t, b in configs]]
+        rows = []
+        for est in estimator_order(g["estimator"].unique()):
+            cells = [est]
+            for v, t, b in configs:
+                r = g[
+                    (g["estimator"] == est)
+                    & (g["vocab_size"] == v)
+                    & (g["seq_len"] == t)
+                    & (g["batch"] == b)
+                ]
+                if r.empty:
+                    cells.append("—")
+                    continue
+                r = r.iloc[0]
+                cells.append(
+                    f"{fmt_num(r.step_s)} s ({fmt_num(r.time_ratio)}x), "
+                    f"{fmt_num(r.peak_mem_bytes / 2**20)} MiB ({fmt_num(r.mem_ratio)}x)"
+                )
+            rows.append(cells)
+        md.append(f"**{title}**\n\n" + markdown_table(header, rows))
+    note = (
+        f"Best time of the repeats and peak memory; (Nx) = ratio to {reference_estimator} "
+        "in the same configuration.\n"
+    )
+    return agg, "\n".join(md) + "\n" + note
+
+
+# ---- I/O ------------------------------------------------------------------------------------
+
+
+def load(results_dir: Path, name: str, required: bool = True):
+    path = results_dir / f"{name}.parquet"
+    if not path.is_file():
+        if required:
+            raise SystemExit(f"{path} is missing: run python -m vopd.aggregate first")
+        return None
+    return pd.read_parquet(path)
+
+
+def build_table(results_dir: Path, name: str, args) -> tuple[pd.DataFrame, str]:
+    ref = args.reference_estimator
+    if name == "accuracy":
+        refs = load(results_dir, "references", required=False)
+        return accuracy_table(load(results_dir, "runs"), refs, args.metric, ref)
+    if name == "training":
+        return training_table(load(results_dir, "runs"), args.smooth)
+    if name == "variance":
+        return variance_table(load(results_dir, "variance"), ref)
+    return cost_table(load(results_dir, "profile"), ref)
+
+
+def write_table(results_dir: Path, name: str, df: pd.DataFrame, md: str) -> None:
+    out = results_dir / "tables"
+    write_text(out / f"{name}.csv", df.to_csv(index=False, float_format="%.10g"))
+    write_text(out / f"{name}.md", f"# {name}\n\n{md}")
+
+
+# ---- report.md ------------------------------------------------------------------------------
+
+
+def claims(results_dir: Path, args) -> list[str]:
+    """One line per checkable paper claim (paper-notes §4), with the numbers behind it."""
+    ref, lines = args.reference_estimator, []
+    runs = load(results_dir, "runs", required=False)
+    if runs is not None and (runs["benchmark"] != "train").any():
+        wide, _, _ = per_seed_accuracy(runs, args.metric)
+        for claim, a, b in (
+            ("C6 (vOPD >= sample OPD)", "vopd", "sample_opd"),
+            ("C7 (vOPD ~ full OPD)", "vopd", "full_opd"),
+            ("C8 (vOPD top-k ~ vOPD)", "vopd_topk", "vopd"),
+        ):
+            delta = paired_delta(wide, a, b)
+            if delta is None:
+                continue
+            s = seed_stats(delta)
+            if s["n_seeds"] < 2:
+                sign = "one seed: no CI"
+            else:
+                sign = "the CI " + ("contains 0" if s["ci_lo"] <= 0 <= s["ci_hi"] else "excludes 0")
+            lines.append(
+                f"- **{claim}**: {a} − {b} = {fmt_stats(s)} in mean {args.metric}@n "
+                f"over benchmarks, paired over {s['n_seeds']} seeds "
+                f"({int((delta > 0).sum())} positive); {sign}."
+            )
+    var = load(results_dir, "variance", required=False)
+    if var is not None and not var.empty:
+        ratios = probe_ratios(var, ref)
+        for est in ("vopd", "opt_baseline", "full_opd"):
+            g = ratios[(ratios["estimator"] == est) & (ratios["probe"] == "total_variance")]
+            if len(g):
+                per_step = ", ".join(
+                    f"step {s}: {fmt_stats(seed_stats(x['ratio']))}" for s, x in g.groupby("step")
+                )
+                lines.append(f"- **C4 (variance)**: total variance {est} / {ref} = {per_step}.")
+        adam = adam_ratios(var, ref)
+        g = adam[adam["estimator"] == "vopd"]
+        if len(g):
+            lines.append(
+                f"- **C4 (Adam proxy)**: vopd / {ref} over training = "
+                f"{fmt_stats(seed_stats(g['ratio']))}."
+            )
+    prof = load(results_dir, "profile", required=False)
+    if prof is not None and not prof.empty:
+        agg, _ = cost_summary(prof, ref)
+        top = agg[agg["vocab_size"] == agg["vocab_size"].max()]
+        top = top[top["seq_len"] == top["seq_len"].max()]
+        parts = [
+            f"{r.estimator} {fmt_num(r.time_ratio)}x time, {fmt_num(r.mem_ratio)}x memory"
+            for r in top.sort_values("estimator").itertuples()
+        ]
+        lines.append(
+            f"- **C9 (cost)** at V = {top['vocab_size'].max()}, T = "
+            f"{top['seq_len'].max()} vs {ref}: " + "; ".join(parts) + "."
+        )
+    return lines
+
+
+def write_summary(results_dir: Path, args) -> None:
+    exp = results_dir.name
+    out = [
+        f"# vopd results: {exp}\n",
+        f"Generated by `python -m vopd.report --results-dir {results_dir}` from the Parquet "
+        "files of this folder (`runs.parquet`, `variance.parquet`, `profile.parquet`). "
+        "Tables: `tables/*.csv` (machine-readable) and `tables/*.md`; figures: "
+        "`figures/*.png` / `.pdf`.\n",
+    ]
+    runs = load(results_dir, "runs", required=False)
+    if runs is not None:
+        tr = runs[runs["benchmark"] == "train"]
+        out.append(
+            f"Runs: {tr['estimator'].nunique()} estimators x {tr['seed'].nunique()} seeds, "
+            f"{int(tr['step'].max()) if len(tr) else 0} steps; benchmarks: "
+            f"{', '.join(sorted(set(runs['benchmark']) - {'train'})) or 'none'}.\n"
+        )
+    lines = claims(results_dir, args)
+    if lines:
+        out += [
+            "## What the numbers say about the paper's claims\n",
+            *lines,
+            "\nWith few seeds the bootstrap CIs are coarse; read the per-seed signs too.\n",
+        ]
+    sections = (
+        ("Accuracy", "accuracy", "accuracy"),
+        ("Training", "training", "training_curves"),
+        ("Gradient variance", "variance", "variance_ratio"),
+        ("Cost", "cost", "cost"),
+    )
+    for title, table, figure in sections:
+        md_path = results_dir / "tables" / f"{table}.md"
+        png = results_dir / "figures" / f"{figure}.png"
+        if not md_path.is_file() and not png.is_file():
+            continue
+        out.append(f"## {title}\n")
+        if png.is_file():
+            out.append(f"![{figure}](figures/{figure}.png)\n")
+        if md_path.is_file():
+            out.append(md_path.read_text().split("\n", 2)[-1])
+    write_text(results_dir / "report.md", "\n".join(out))
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m vopd.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--results-dir", required=True, type=Path, help="results/{experiment}")
+    parser.add_argument("--what", default="all", choices=("tables", "figures", "summary", "all"))
+    parser.add_argument("--only", help=f"comma-separated names: tables {TABLES}, figures {FIGURES}")
+    parser.add_argument(
+        "--metric",
+        default="avg",
+        choices=("avg", "pass", "maj"),
+        help="headline accuracy metric family (avg@n, pass@n, maj@n)",
+    )
+    parser.add_argument("--smooth", type=int, default=5, help="final window / rolling mean (steps)")
+    parser.add_argument(
+        "--reference-estimator",
+        default="sample_opd",
+        help="ratios and paired differences are relative to this estimator",
+    )
+    args = parser.parse_args(argv)
+    if args.smooth < 1:
+        raise SystemExit(f"--smooth {args.smooth}: expected >= 1")
+    results_dir = args.results_dir
+    if not results_dir.is_dir():
+        raise SystemExit(f"--results-dir {results_dir} does not exist")
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and not only <= set(TABLES) | set(FIGURES):
+        raise SystemExit(f"--only {args.only}: expected names from {TABLES} or {FIGURES}")
+    needs = {
+        "accuracy": "runs",
+        "training": "runs",
+        "training_curves": "runs",
+        "variance": "variance",
+        "variance_ratio": "variance",
+        "cost": "profile",
+    }
+
+    def selected(names):
+        if only is not None:
+            return [n for n in names if n in only]
+        # --what all without --only: whatever the aggregated files allow.
+        return [n for n in names if (results_dir / f"{needs[n]}.parquet").is_file()]
+
+    written = []
+    if args.what in ("tables", "all"):
+        for name in selected(TABLES):
+            df, md = build_table(results_dir, name, args)
+            write_table(results_dir, name, df, md)
+            print(md)
+            written.append(f"tables/{name}")
+    if args.what in ("figures", "all"):
+        from vopd import figures  # matplotlib only where figures are drawn
+
+        for name in selected(FIGURES):
+            figures.draw(results_dir, name, args)
+            written.append(f"figures/{name}")
+    if args.what in ("summary", "all"):
+        write_summary(results_dir, args)
+        written.append("report.md")
+    result = {"results_dir": str(results_dir), "written": written}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

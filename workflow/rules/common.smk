@@ -1,0 +1,428 @@
+# Helpers, config validation and target lists. Functions only (no rules: `snakemake --lint`
+# wants rules and functions in separate files). Every rule parameter that is more than a
+# wildcard comes from a named function here; rules hold no lambdas.
+
+import os
+import shlex
+
+from snakemake.utils import validate
+
+# ---- validation -----------------------------------------------------------------------------
+# JSON schema first (unknown keys, wrong types, unknown estimators; schema defaults are filled
+# in), then the cross-field checks a schema cannot express. Both run while the Snakefile is
+# parsed, i.e. before any job starts.
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+TOY_BENCHMARKS = ("toy_test", "toy_hard")  # what `python -m vopd.toy world` writes
+TABLES = ("accuracy", "training", "variance", "cost")
+AGGREGATES = ("runs", "references", "variance", "profile")
+
+
+def config_error(key, value, expected):
+    """Stop before any job runs, naming the config key, its value and what was expected."""
+    raise ValueError(f"config key {key!r} = {value!r}: expected {expected}")
+
+
+def check_config(cfg):
+    train, ev = cfg["train"], cfg["eval"]
+    steps = train["steps"]
+
+    def check_steps(key, values):
+        for s in values:
+            if s > steps or (s % train["save_every"] != 0 and s != steps):
+                config_error(
+                    key,
+                    s,
+                    f"a checkpoint step: 0, a multiple of train.save_every="
+                    f"{train['save_every']}, or train.steps={steps}",
+                )
+
+    if cfg["scale"] == "hub" and "models" not in cfg:
+        config_error("models", None, "a mapping with student and teacher when scale is hub")
+    if cfg["scale"] == "toy":
+        for name in ev["benchmarks"]:
+            if name not in TOY_BENCHMARKS:
+                config_error(f"eval.benchmarks.{name}", name, f"one of {TOY_BENCHMARKS}")
+    elif train["prompts"] is None:
+        config_error("train.prompts", None, "a prompt set name (e.g. dapo14k) when scale is hub")
+    check_steps("eval.steps", ev["steps"])
+    for block in ("variance", "profile"):
+        if cfg[block]["activate"]:
+            required = ("runs", "steps", "k") if block == "variance" else ("vocab", "seq_len")
+            for key in required:
+                if key not in cfg[block]:
+                    config_error(f"{block}.{key}", None, f"a value when {block}.activate is true")
+    if cfg["variance"]["activate"]:
+        check_steps("variance.steps", cfg["variance"]["steps"])
+        for name in cfg["variance"]["runs"]:
+            if name not in cfg["estimators"]:
+                config_error(
+                    "variance.runs", name, f"one of the estimators {list(cfg['estimators'])}"
+                )
+    ref = cfg["report"]["reference_estimator"]
+    if ref not in cfg["estimators"]:
+        config_error("report.reference_estimator", ref, f"one of {list(cfg['estimators'])}")
+
+
+check_config(config)
+
+EXPERIMENT = config["experiment"]
+ESTIMATORS = list(config["estimators"])
+SEEDS = list(config["seeds"])
+BENCHMARKS = list(config["eval"]["benchmarks"])
+EVAL_STEPS = sorted(config["eval"]["steps"])
+REFERENCES = list(config["eval"]["references"])
+VARIANCE = config["variance"]
+PROFILE = config["profile"]
+TOY = config["toy"]["dir"]
+# Heavy (torch) jobs run with every core they are given; the default profile caps the
+# `cpu_heavy` resource at 1 so they run one at a time (two torch processes on 2 cores are
+# 5-10x slower than one after the other).
+TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vopd-gpu.yaml"
+
+
+# ---- command-line helpers -------------------------------------------------------------------
+
+
+def cli_flags(mapping):
+    """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
+    (the vopd CLIs take lists comma-separated)."""
+    parts = []
+    for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
+        flag = f"--{key.replace('_', '-')}"
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{flag} {shlex.quote(','.join(map(str, value)))}")
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def key_values(mapping):
+    """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax)."""
+    parts = []
+    for key, value in sorted(mapping.items()):
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        parts.append(shlex.quote(f"{key}={text}"))
+    return " ".join(parts)
+
+
+# ---- toy world ------------------------------------------------------------------------------
+
+
+def toy_dir(wildcards, output):
+    return os.path.dirname(output.world)
+
+
+def toy_world_flags(wildcards):
+    return cli_flags(config["toy"].get("world", {}))
+
+
+def toy_sft_flags(wildcards):
+    return cli_flags(config["toy"].get("sft", {}))
+
+
+def toy_world_dir(wildcards, input):
+    return os.path.dirname(input.world)
+
+
+def toy_models_dir(wildcards, output):
+    return os.path.dirname(output.summary)
+
+
+# ---- models, prompts, benchmarks ------------------------------------------------------------
+
+
+def student_model():
+    if config["scale"] == "toy":
+        return f"{TOY}/models/student"
+    return config["models"]["student"]
+
+
+def teacher_model():
+    if config["scale"] == "toy":
+        return f"{TOY}/models/teacher"
+    return config["models"]["teacher"]
+
+
+def model_inputs(wildcards):
+    """At scale toy the models are built by toy_sft; hub models are not files of this workflow."""
+    if config["scale"] == "toy":
+        return {"models": f"{TOY}/models/sft_summary.json"}
+    return {}
+
+
+def prompts_file():
+    if config["scale"] == "toy":
+        return f"{TOY}/prompts/train.parquet"
+    return f"resources/benchmarks/{config['train']['prompts']}.parquet"
+
+
+def benchmark_file(wildcards):
+    if config["scale"] == "toy":
+        return f"{TOY}/benchmarks/{wildcards.benchmark}.parquet"
+    return f"resources/benchmarks/{wildcards.benchmark}.parquet"
+
+
+def prepare_flags(wildcards):
+    """`--path` for a benchmark (or the training prompt set) read from a local file."""
+    if wildcards.benchmark == config["train"]["prompts"]:
+        path = config["train"]["prompts_path"]
+    else:
+        path = config["eval"]["benchmarks"].get(wildcards.benchmark, {}).get("path")
+    return cli_flags({"path": path})
+
+
+# ---- training -------------------------------------------------------------------------------
+# Names of the trainer's config keys that the workflow sets (python -m vopd.train key=value).
+TRAIN_KEYS = {
+    "estimator": "estimator",
+    "seed": "seed",
+    "student": "student",
+    "teacher": "teacher",
+    "prompts": "prompts",
+    "steps": "max_steps",
+    "save_every": "save_every",
+}
+
+
+def train_inputs(wildcards):
+    return {
+        "config": config["train"]["config"],
+        "prompts": prompts_file(),
+        **model_inputs(wildcards),
+    }
+
+
+def train_launcher(wildcards, resources):
+    """`python -m`, or torchrun with one process per GPU when a profile sets the train rule's
+    `nproc` resource above 1 (profiles/slurm: the paper's 4 processes)."""
+    if resources.nproc > 1:
+        return f"torchrun --standalone --nproc-per-node {resources.nproc} -m"
+    return "python -m"
+
+
+def run_dir(wildcards, output):
+    return os.path.dirname(output.done)
+
+
+def run_dir_of_input(wildcards, input):
+    return os.path.dirname(input.done)
+
+
+def train_overrides(wildcards):
+    """key=value overrides of one run: global < estimator overrides < estimator options < the
+    workflow's own keys (estimator, seed, models, prompts, steps)."""
+    train = config["train"]
+    options = dict(config["estimators"][wildcards.estimator])
+    merged = {**train["overrides"], **options.pop("overrides", {}), **options}
+    merged.update(
+        {
+            TRAIN_KEYS["estimator"]: wildcards.estimator,
+            TRAIN_KEYS["seed"]: int(wildcards.seed),
+            TRAIN_KEYS["student"]: student_model(),
+            TRAIN_KEYS["teacher"]: teacher_model(),
+            TRAIN_KEYS["prompts"]: prompts_file(),
+            TRAIN_KEYS["steps"]: train["steps"],
+            TRAIN_KEYS["save_every"]: train["save_every"],
+        }
+    )
+    return key_values(merged)
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def sampling(benchmark):
+    """Eval sampling settings: the eval.sampling defaults, then the benchmark's own."""
+    merged = {"seed": 0, **config["eval"]["sampling"]}
+    merged.update(config["eval"]["benchmarks"][benchmark].get("sampling", {}))
+    return merged
+
+
+def run_sampling_flags(wildcards):
+    """Each training seed samples its evaluation with its own (deterministic) seed."""
+    settings = sampling(wildcards.benchmark)
+    settings["seed"] = settings["seed"] + int(wildcards.seed)
+    return cli_flags({**config["eval"]["args"], **settings})
+
+
+def reference_sampling_flags(wildcards):
+    return cli_flags({**config["eval"]["args"], **sampling(wildcards.benchmark)})
+
+
+def checkpoint_flags(wildcards, input):
+    """--model of a run checkpoint; with LoRA the checkpoint is an adapter on the student."""
+    ckpt = os.path.join(os.path.dirname(input.done), "checkpoints", f"step{wildcards.step}")
+    if config["eval"]["lora"] and int(wildcards.step) > 0:
+        return cli_flags({"model": student_model(), "lora": ckpt})
+    return cli_flags({"model": ckpt})
+
+
+def reference_flags(wildcards):
+    model = student_model() if wildcards.model == "student" else teacher_model()
+    return cli_flags({"model": model})
+
+
+def grade_dir(wildcards, output):
+    return os.path.dirname(output.summary)
+
+
+# ---- variance and cost ----------------------------------------------------------------------
+
+
+def variance_flags(wildcards):
+    flags = {"k": VARIANCE["k"], "estimators": VARIANCE.get("estimators", ESTIMATORS)}
+    return cli_flags({**flags, **VARIANCE.get("args", {})})
+
+
+def profile_flags(wildcards):
+    flags = {
+        "vocab": PROFILE["vocab"],
+        "seq_len": PROFILE["seq_len"],
+        "batch": PROFILE.get("batch"),
+        "estimators": PROFILE.get("estimators", ESTIMATORS),
+    }
+    return cli_flags({**flags, **PROFILE.get("args", {})})
+
+
+# ---- file lists -----------------------------------------------------------------------------
+
+
+def run_path(name, **wildcards):
+    """A file of every configured run: run_path('done.json') -> results/EXP/EST/seedS/done.json."""
+    return expand(
+        f"results/{{experiment}}/{{estimator}}/seed{{seed}}/{name}",
+        experiment=EXPERIMENT,
+        estimator=ESTIMATORS,
+        seed=SEEDS,
+        **wildcards,
+    )
+
+
+def eval_summaries():
+    return run_path(
+        "eval/{benchmark}/step{step}/summary.json", benchmark=BENCHMARKS, step=EVAL_STEPS
+    )
+
+
+def reference_summaries():
+    return expand(
+        "results/{experiment}/reference/{model}/eval/{benchmark}/summary.json",
+        experiment=EXPERIMENT,
+        model=REFERENCES,
+        benchmark=BENCHMARKS,
+    )
+
+
+def variance_probes():
+    if not VARIANCE["activate"]:
+        return []
+    return expand(
+        "results/{experiment}/{estimator}/seed{seed}/variance/step{step}.parquet",
+        experiment=EXPERIMENT,
+        estimator=VARIANCE["runs"],
+        seed=SEEDS,
+        step=VARIANCE["steps"],
+    )
+
+
+def aggregate_inputs(wildcards):
+    """What each aggregate table is built from (the run's done.json marks it complete)."""
+    if wildcards.kind == "runs":
+        return run_path("done.json") + eval_summaries()
+    if wildcards.kind == "references":
+        return reference_summaries()
+    if wildcards.kind == "variance":
+        return run_path("done.json") + variance_probes()
+    return [f"results/{wildcards.experiment}/profile/profile.parquet"]
+
+
+def results_dir(wildcards):
+    return f"results/{wildcards.experiment}"
+
+
+def aggregate_filters(wildcards):
+    """Restrict aggregation to the configured runs (stale run dirs of older configs are ignored)."""
+    flags = {"estimators": ",".join(ESTIMATORS), "seeds": ",".join(map(str, SEEDS))}
+    if wildcards.kind in ("runs", "references"):
+        flags["benchmarks"] = ",".join(BENCHMARKS)
+    if wildcards.kind == "runs":
+        flags["eval_steps"] = ",".join(map(str, EVAL_STEPS))
+    if wildcards.kind == "variance":
+        probed = VARIANCE["runs"] if VARIANCE["activate"] else []
+        flags["variance_runs"] = ",".join(probed)  # "" = no run was probed
+        if VARIANCE["activate"]:
+            flags["variance_steps"] = ",".join(map(str, VARIANCE["steps"]))
+    if wildcards.kind == "references":
+        flags = {"benchmarks": flags["benchmarks"]}
+    if wildcards.kind == "profile":
+        flags = {}
+    return cli_flags(flags)
+
+
+def table_inputs(wildcards):
+    base = f"results/{wildcards.experiment}"
+    if wildcards.table == "accuracy":
+        return table_inputs_accuracy(wildcards)
+    if wildcards.table == "training":
+        return [f"{base}/runs.parquet"]
+    if wildcards.table == "variance":
+        return [f"{base}/variance.parquet"]
+    return [f"{base}/profile.parquet"]
+
+
+def table_inputs_accuracy(wildcards):
+    base = f"results/{wildcards.experiment}"
+    return [f"{base}/runs.parquet"] + ([f"{base}/references.parquet"] if REFERENCES else [])
+
+
+def report_flags(wildcards):
+    rep = config["report"]
+    return cli_flags(
+        {
+            "metric": rep["metric"],
+            "smooth": rep["smooth"],
+            "reference_estimator": rep["reference_estimator"],
+        }
+    )
+
+
+def active_tables():
+    tables = ["accuracy", "training", "variance"]
+    if PROFILE["activate"]:
+        tables.append("cost")
+    return tables
+
+
+def active_figures():
+    figures = ["accuracy", "training_curves", "variance_ratio"]
+    if PROFILE["activate"]:
+        figures.append("cost")
+    return figures
+
+
+def table_files(experiment=EXPERIMENT):
+    return expand(
+        "results/{experiment}/tables/{table}.{ext}",
+        experiment=experiment,
+        table=active_tables(),
+        ext=("md", "csv"),
+    )
+
+
+def figure_files(experiment=EXPERIMENT):
+    return expand(
+        "results/{experiment}/figures/{figure}.{ext}",
+        experiment=experiment,
+        figure=active_figures(),
+        ext=("png", "pdf"),
+    )
+
+
+def summary_inputs(wildcards):
+    return table_files(wildcards.experiment) + figure_files(wildcards.experiment)

@@ -1,0 +1,91 @@
+# Evaluation: sample n completions per problem from a checkpoint (or a reference model), then
+# grade them offline. Grading is its own rule so it can be rerun without regenerating.
+
+
+rule generate:
+    """Samples of one run's checkpoint at one step on one benchmark."""
+    input:
+        done="results/{experiment}/{estimator}/seed{seed}/done.json",
+        benchmark=benchmark_file,
+    output:
+        samples="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/samples.parquet",
+    log:
+        "results/{experiment}/{estimator}/seed{seed}/logs/generate_{benchmark}_step{step}.log",
+    benchmark:
+        "results/{experiment}/{estimator}/seed{seed}/benchmark/generate_{benchmark}_step{step}.tsv"
+    conda:
+        TORCH_ENV
+    threads: workflow.cores
+    resources:
+        cpu_heavy=1,
+    params:
+        model=checkpoint_flags,
+        sampling=run_sampling_flags,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m vopd.eval.generate {params.model}"
+        " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
+
+
+rule grade:
+    """Per-sample grades and the summary (avg@n, pass@k, maj@n, CIs) of one evaluation."""
+    input:
+        samples="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/samples.parquet",
+        benchmark=benchmark_file,
+    output:
+        grades="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/grades.parquet",
+        summary="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/summary.json",
+    log:
+        "results/{experiment}/{estimator}/seed{seed}/logs/grade_{benchmark}_step{step}.log",
+    benchmark:
+        "results/{experiment}/{estimator}/seed{seed}/benchmark/grade_{benchmark}_step{step}.tsv"
+    conda:
+        "../envs/vopd-cpu.yaml"
+    params:
+        out_dir=grade_dir,
+    shell:
+        "python -m vopd.eval.grade --samples {input.samples} --benchmark {input.benchmark}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule generate_reference:
+    """Samples of an untrained model (the student before distillation, or the teacher)."""
+    input:
+        unpack(model_inputs),
+        benchmark=benchmark_file,
+    output:
+        samples="results/{experiment}/reference/{model}/eval/{benchmark}/samples.parquet",
+    log:
+        "results/{experiment}/reference/{model}/logs/generate_{benchmark}.log",
+    benchmark:
+        "results/{experiment}/reference/{model}/benchmark/generate_{benchmark}.tsv"
+    conda:
+        TORCH_ENV
+    threads: workflow.cores
+    resources:
+        cpu_heavy=1,
+    params:
+        model=reference_flags,
+        sampling=reference_sampling_flags,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m vopd.eval.generate {params.model}"
+        " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
+
+
+rule grade_reference:
+    input:
+        samples="results/{experiment}/reference/{model}/eval/{benchmark}/samples.parquet",
+        benchmark=benchmark_file,
+    output:
+        grades="results/{experiment}/reference/{model}/eval/{benchmark}/grades.parquet",
+        summary="results/{experiment}/reference/{model}/eval/{benchmark}/summary.json",
+    log:
+        "results/{experiment}/reference/{model}/logs/grade_{benchmark}.log",
+    benchmark:
+        "results/{experiment}/reference/{model}/benchmark/grade_{benchmark}.tsv"
+    conda:
+        "../envs/vopd-cpu.yaml"
+    params:
+        out_dir=grade_dir,
+    shell:
+        "python -m vopd.eval.grade --samples {input.samples} --benchmark {input.benchmark}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# Cost: time and peak memory of each estimator over a sweep of vocabulary size and sequence
+# length (each variant in a fresh process). Independent of training.
+
+
+rule cost_profile:
+    """Per-estimator step time and peak memory over the configured V x T sweep."""
+    output:
+        profile="results/{experiment}/profile/profile.parquet",
+    log:
+        "results/{experiment}/profile/logs/profile.log",
+    benchmark:
+        "results/{experiment}/profile/benchmark/profile.tsv"
+    conda:
+        TORCH_ENV
+    threads: workflow.cores
+    resources:
+        cpu_heavy=1,
+    params:
+        flags=profile_flags,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m vopd.profile --out {output.profile} {params.flags}"
+        " > {log} 2>&1"

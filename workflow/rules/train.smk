@@ -1,0 +1,29 @@
+# Distillation: one run per estimator x seed. The declared output is done.json, which the
+# trainer writes last; checkpoints (RUN_DIR/checkpoints/step{N}/) are deliberately NOT outputs,
+# so Snakemake never deletes them: a killed run is rerun into the same RUN_DIR and the trainer
+# resumes from its last checkpoint.
+
+
+rule train:
+    """OPD of the student towards the teacher with one estimator and one seed."""
+    input:
+        unpack(train_inputs),
+    output:
+        done="results/{experiment}/{estimator}/seed{seed}/done.json",
+    log:
+        "results/{experiment}/{estimator}/seed{seed}/logs/train.log",
+    benchmark:
+        "results/{experiment}/{estimator}/seed{seed}/benchmark/train.tsv"
+    conda:
+        TORCH_ENV
+    threads: workflow.cores
+    resources:
+        cpu_heavy=1,
+        nproc=1,
+    params:
+        launch=train_launcher,
+        run_dir=run_dir,
+        overrides=train_overrides,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} vopd.train --config {input.config}"
+        " --out {params.run_dir} {params.overrides} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Gradient variance at fixed checkpoints: K independent rollout batches on the same prompts,
+# every probed estimator's gradient on each, total variance and friends. (The Adam-moment proxy
+# over training comes from each run's metrics.jsonl and needs no rule of its own.)
+
+
+rule variance_probe:
+    """Variance probes of the configured estimators at one checkpoint of one run."""
+    input:
+        done="results/{experiment}/{estimator}/seed{seed}/done.json",
+    output:
+        probes="results/{experiment}/{estimator}/seed{seed}/variance/step{step}.parquet",
+    log:
+        "results/{experiment}/{estimator}/seed{seed}/logs/variance_step{step}.log",
+    benchmark:
+        "results/{experiment}/{estimator}/seed{seed}/benchmark/variance_step{step}.tsv"
+    conda:
+        TORCH_ENV
+    threads: workflow.cores
+    resources:
+        cpu_heavy=1,
+    params:
+        run_dir=run_dir_of_input,
+        flags=variance_flags,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m vopd.variance --run-dir {params.run_dir}"
+        " --step {wildcards.step} --out {output.probes} {params.flags} > {log} 2>&1"
