@@ -18,9 +18,9 @@ Modes:
   embeddings) or the architecture of ``--model-config DIR`` (e.g. a saved toy model or a hub
   model's ``config.json``), randomly initialised, with the swept vocabulary size: cost does not
   depend on the weights. Prompt + completion are random ids, T completion tokens after a
-  ``--prompt-len`` prompt; logits are kept only at the T completion positions
-  (``logits_to_keep``). Forward calls of each model are counted with hooks (claim C5: no estimator
-  needs an extra model call).
+  ``--prompt-len`` prompt, in the trainer's teacher-forcing layout (``vopd.batch``: logits only at
+  the T completion positions, contiguous). Forward calls of each model are counted with hooks
+  (claim C5: no estimator needs an extra model call).
 
 Each variant runs in a fresh Python process, so one variant's allocator state cannot leak into the
 next, and a variant that fails (e.g. out of memory) is recorded with ``status`` and the sweep goes
@@ -264,6 +264,8 @@ def measure_train_step(
     """Time (per segment) and peak memory of one OPD optimizer step without the rollout."""
     import torch
 
+    from vopd.batch import RolloutBatch, completion_logits
+
     if threads:
         torch.set_num_threads(threads)
     fn, opts = _estimator(estimator, vocab_size, top_k)
@@ -281,9 +283,17 @@ def measure_train_step(
     for role, model in (("student", student), ("teacher", teacher)):
         model.register_forward_hook(_counter(calls, role))
     gen = torch.Generator().manual_seed(seed)
-    ids_BL = torch.randint(0, vocab_size, (batch, L), generator=gen).to(dev)
-    tokens_BT = ids_BL[:, prompt_len:]
-    mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=dev)
+    ids_BS = torch.randint(0, vocab_size, (batch, L), generator=gen)
+    ones_BL = torch.ones(batch, L - 1, dtype=torch.long)
+    # The trainer's teacher-forcing layout (vopd.batch): prompt + completion minus its last
+    # token in, logits_to_keep=T out, so the [B, T, V] logits are contiguous as in training.
+    rb = RolloutBatch(
+        ids_BS[:, :-1].to(dev),
+        ones_BL.to(dev),
+        (ones_BL.cumsum(-1) - 1).to(dev),
+        ids_BS[:, prompt_len:].to(dev),
+        torch.ones(batch, seq_len, dtype=torch.long, device=dev),
+    )
     inputs = meter.now()
     meter.reset_peak()
     seg = dict.fromkeys(("student_fwd_s", "teacher_fwd_s", "loss_s", "backward_s", "optim_s"), 0.0)
@@ -296,14 +306,12 @@ def measure_train_step(
 
     def step():
         t = time.perf_counter()
-        # position t of the kept logits predicts completion token t: keep the T + 1 last
-        # positions and drop the one that predicts past the end.
-        s_BTV = student(ids_BL, logits_to_keep=seq_len + 1).logits[:, :-1]
+        s_BTV = completion_logits(student, rb, vocab_size)
         t = tick("student_fwd_s", t)
         with torch.no_grad():
-            q_BTV = teacher(ids_BL, logits_to_keep=seq_len + 1).logits[:, :-1]
+            q_BTV = completion_logits(teacher, rb, vocab_size)
         t = tick("teacher_fwd_s", t)
-        loss, _ = fn(s_BTV, q_BTV, tokens_BT, mask_BT, **opts)
+        loss, _ = fn(s_BTV, q_BTV, rb.tokens_BT, rb.mask_BT, **opts)
         t = tick("loss_s", t)
         loss.backward()
         t = tick("backward_s", t)
