@@ -166,6 +166,7 @@ def run_sft(
             f"student_em={student_em}, teacher_em={teacher_em}: expected "
             "0 < student_em < teacher_em <= 1"
         )
+    load_world_spec(world_dir)  # a missing or foreign world directory fails here, clearly
     tokenizer = load_tokenizer(str(world_dir / "tokenizer"))
     val, test, hard = (
         _split(world_dir, r)
