@@ -14,7 +14,8 @@ Each optimizer step:
 2. one no-grad teacher forward (eval mode) on the same prompt + completion tokens;
 3. one student forward; the estimator's loss on the completion positions only (logits at
    position t predict completion token t; prompt positions are never projected to the
-   vocabulary); backward, grad-norm clip, Adam/AdamW step, LR schedule.
+   vocabulary); backward (steps 2-3: :mod:`vopd.loss`), grad-norm clip, Adam/AdamW step, LR
+   schedule.
 
 Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; reference-semantics.md):
 - the student forward runs once, not twice (the official code recomputes log p in a second pass);
@@ -49,13 +50,13 @@ from transformers.utils import logging as hf_logging
 
 from vopd import checkpoint as ckpt
 from vopd import distributed as dist
-from vopd import is_correction, policy
-from vopd.batch import RolloutBatch, completion_logits, make_batch
+from vopd import policy
+from vopd.batch import make_batch
 from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
-from vopd.estimators import ESTIMATORS, row_stats
 from vopd.gradstats import adam_moment_proxy
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
+from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the seams)
 from vopd.models import load_model, load_tokenizer, resolve_model_path
 from vopd.rollout import SamplingParams
 from vopd.vocab import logit_rows, shared_vocab
@@ -181,107 +182,6 @@ def step_seed(seed: int, step: int) -> int:
     """The rollout sampler's seed at ``step``: a function of (seed, step) only, so a resumed run
     draws the same samples."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss: one forward per model, logits on completion positions only.
-
-
-def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBatch, V: int):
-    """The estimator's loss on one (micro-)batch and its metrics, the no-grad diagnostics (KL,
-    entropy, reward, log p(y)) from the same logits, and the loss weights m' it used as its mask
-    (vopd.distributed.loss_weights: the normalisation times the optional IS weight)."""
-    with policy.autocast(cfg, batch.tokens_BT.device):
-        logits_BTV = completion_logits(student, batch, V)
-    B, T = batch.tokens_BT.shape
-    y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
-    st = row_stats(
-        logits_BTV.detach().reshape(-1, V),
-        teacher_logits_BTV.reshape(-1, V),
-        y_N,
-        kl=True,
-        entropy=True,
-    )
-    logp_BT = st["logp_y"].view(B, T)
-    w_B = is_correction.step_weights(
-        cfg.estimator, cfg.is_correction, logp_BT, batch.sampler_logp_BT, batch.mask_BT,
-        cap=cfg.is_cap,
-    )  # fmt: skip
-    weights_BT = dist.loss_weights(batch.mask_BT, cfg.normalize, w_B)
-    options = {**cfg.estimator_options(), "normalize": "token_mean"}
-    loss, metrics = ESTIMATORS[cfg.estimator](
-        logits_BTV, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
-    )
-    m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
-    sums = {
-        "kl_mean": float((st["kl"] * m_N).sum()),
-        "entropy": float((st["entropy"] * m_N).sum()),
-        "reward_mean": float(((st["logq_y"] - st["logp_y"]) * m_N).sum()),
-    }
-    return loss, metrics, sums, weights_BT, logp_BT
-
-
-def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, sync) -> dict:
-    """Forward/backward over micro-batches (and ranks); the summed loss is the estimator's loss on
-    the whole global batch: each micro-batch's token-mean loss is scaled by Σm'/D, with D the
-    token count (token_mean) or non-empty sequence count (seq_mean) summed over all ranks
-    (vopd.distributed). Gradients are summed over ranks once, at the end."""
-    B = batch.tokens_BT.shape[0]
-    micro = cfg.micro_batch_size or B
-    device = batch.tokens_BT.device
-    denom = dist.global_sum(dist.local_denominator(batch.mask_BT, cfg.normalize), device)
-    n_tok = max(dist.global_sum(float(batch.mask_BT.sum()), device), 1.0)
-    out = {"loss": 0.0, "time_teacher_s": 0.0, "time_update_s": 0.0}
-    sums = {"kl_mean": 0.0, "entropy": 0.0, "reward_mean": 0.0}
-    parts, logp_parts = [], []
-    for a in range(0, B, micro):
-        mb = batch.rows(slice(a, a + micro))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits_BTV = completion_logits(teacher, mb, V)
-        sync()
-        t1 = time.perf_counter()
-        loss, metrics, mb_sums, weights_BT, logp_BT = compute_loss(
-            cfg, student, teacher_logits_BTV, mb, V
-        )
-        scale = dist.loss_scale(weights_BT, denom)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
-        (loss * scale).backward()
-        sync()
-        out["time_teacher_s"] += t1 - t0
-        out["time_update_s"] += time.perf_counter() - t1
-        out["loss"] += float(loss.detach()) * float(scale)
-        for k, v in mb_sums.items():
-            sums[k] += v
-        parts.append((float(mb.mask_BT.sum()), metrics))
-        logp_parts.append(logp_BT)
-    dist.all_reduce_grads(student.parameters())
-    out["loss"] = dist.global_sum(out["loss"], device)
-    local = _merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
-    if batch.sampler_logp_BT is not None:  # the train/inference mismatch (vopd.is_correction)
-        local |= is_correction.mismatch_metrics(
-            torch.cat(logp_parts), batch.sampler_logp_BT, batch.mask_BT, cap=cfg.is_cap
-        )
-    out.update(dist.reduce_metrics(local, float(batch.mask_BT.sum()), device))
-    # kl_mean / entropy / reward_mean: one definition for every estimator, over all ranks
-    out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
-    return out
-
-
-def _merge_metrics(parts: list[tuple[float, dict]]) -> dict:
-    """Token-weighted means of per-micro-batch metrics; ``x_std`` pooled with ``x_mean``."""
-    total = sum(w for w, _ in parts) or 1.0
-    merged = {}
-    for key in parts[0][1]:
-        if key.endswith("_std"):
-            mean_key = key[:-4] + "_mean"
-            mean = sum(w * m[mean_key] for w, m in parts) / total
-            second = sum(w * (m[key] ** 2 + m[mean_key] ** 2) for w, m in parts) / total
-            merged[key] = math.sqrt(max(second - mean**2, 0.0))
-        else:
-            merged[key] = sum(w * m[key] for w, m in parts) / total
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------
