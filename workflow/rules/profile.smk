@@ -3,13 +3,13 @@
 
 
 rule cost_profile:
-    """Per-estimator step time and peak memory over the configured V x T sweep."""
+    """Per-estimator step time and peak memory over the configured V x T sweep of one mode."""
     output:
-        profile="results/{experiment}/profile/profile.parquet",
+        profile="results/{experiment}/profile/{mode}.parquet",
     log:
-        "results/{experiment}/profile/logs/profile.log",
+        "results/{experiment}/profile/logs/{mode}.log",
     benchmark:
-        "results/{experiment}/profile/benchmark/profile.tsv"
+        "results/{experiment}/profile/benchmark/{mode}.tsv"
     conda:
         TORCH_ENV
     threads: workflow.cores
