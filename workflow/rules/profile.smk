@@ -16,7 +16,8 @@ rule cost_profile:
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         flags=profile_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.profile --out {output.profile} {params.flags}"
+        "{params.torch_env} python -m vopd.profile --out {output.profile} {params.flags}"
         " > {log} 2>&1"
