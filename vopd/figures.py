@@ -188,6 +188,8 @@ def variance_ratio(results_dir: Path, args):
 
 def cost(results_dir: Path, args):
     agg, _ = cost_summary(load(results_dir, "profile"), args.reference_estimator)
+    if "mode" in agg.columns and (agg["mode"] == "loss").any():
+        agg = agg[agg["mode"] == "loss"]  # the estimator's own cost; train_step is in the table
     agg = agg[agg["seq_len"] == agg["seq_len"].max()]
     agg = agg[agg["batch"] == agg["batch"].min()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))

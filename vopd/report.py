@@ -527,6 +527,8 @@ def claims(results_dir: Path, args) -> list[str]:
     prof = load(results_dir, "profile", required=False)
     if prof is not None and not prof.empty:
         agg, _ = cost_summary(prof, ref)
+        if "mode" in agg.columns and (agg["mode"] == "loss").any():
+            agg = agg[agg["mode"] == "loss"]
         top = agg[agg["vocab_size"] == agg["vocab_size"].max()]
         top = top[top["seq_len"] == top["seq_len"].max()]
         parts = [

@@ -47,13 +47,10 @@ def check_config(cfg):
     elif train["prompts"] is None:
         config_error("train.prompts", None, "a prompt set name (e.g. dapo14k) when scale is hub")
     check_steps("eval.steps", ev["steps"])
-    for block in ("variance", "profile"):
-        if cfg[block]["activate"]:
-            required = ("runs", "steps", "k") if block == "variance" else ("vocab", "seq_len")
-            for key in required:
-                if key not in cfg[block]:
-                    config_error(f"{block}.{key}", None, f"a value when {block}.activate is true")
     if cfg["variance"]["activate"]:
+        for key in ("runs", "steps", "k"):
+            if key not in cfg["variance"]:
+                config_error(f"variance.{key}", None, "a value when variance.activate is true")
         check_steps("variance.steps", cfg["variance"]["steps"])
         for name in cfg["variance"]["runs"]:
             if name not in cfg["estimators"]:
@@ -75,6 +72,9 @@ EVAL_STEPS = sorted(config["eval"]["steps"])
 REFERENCES = list(config["eval"]["references"])
 VARIANCE = config["variance"]
 PROFILE = config["profile"]
+PROFILE_MODES = list(PROFILE.get("modes", {"loss": {}}))  # `snakemake profile` works when off
+PROFILE.setdefault("modes", {"loss": {"args": {}}})
+PROFILE.setdefault("args", {})
 TOY = config["toy"]["dir"]
 # Heavy (torch) jobs run with every core they are given; the default profile caps the
 # `cpu_heavy` resource at 1 so they run one at a time (two torch processes on 2 cores are
@@ -83,6 +83,14 @@ TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vo
 
 
 # ---- command-line helpers -------------------------------------------------------------------
+
+
+def torch_env(wildcards, threads):
+    """Environment of a torch job: its threads, and OpenMP threads that sleep while they wait.
+    With the default spin-waiting, a 2-thread job on a busy 2-core machine ran a toy training
+    step 3-10x slower than with 1 thread (measured here); passive waiting kept 2 threads as fast
+    as 1 under load, so a job can use every core without that risk."""
+    return f"OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE"
 
 
 def cli_flags(mapping):
@@ -281,13 +289,23 @@ def variance_flags(wildcards):
 
 
 def profile_flags(wildcards):
+    sweep = PROFILE["modes"][wildcards.mode]
     flags = {
-        "vocab": PROFILE["vocab"],
-        "seq_len": PROFILE["seq_len"],
-        "batch": PROFILE.get("batch"),
+        "mode": wildcards.mode,
+        "vocab": sweep.get("vocab"),
+        "seq_len": sweep.get("seq_len"),
+        "batch": sweep.get("batch"),
         "estimators": PROFILE.get("estimators", ESTIMATORS),
     }
-    return cli_flags({**flags, **PROFILE.get("args", {})})
+    return cli_flags({**flags, **PROFILE["args"], **sweep["args"]})
+
+
+def profile_files(experiment):
+    return expand(
+        "results/{experiment}/profile/{mode}.parquet",
+        experiment=experiment,
+        mode=PROFILE_MODES,
+    )
 
 
 # ---- file lists -----------------------------------------------------------------------------
@@ -339,7 +357,7 @@ def aggregate_inputs(wildcards):
         return reference_summaries()
     if wildcards.kind == "variance":
         return run_path("done.json") + variance_probes()
-    return [f"results/{wildcards.experiment}/profile/profile.parquet"]
+    return profile_files(wildcards.experiment)
 
 
 def results_dir(wildcards):

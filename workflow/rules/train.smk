@@ -21,9 +21,10 @@ rule train:
         cpu_heavy=1,
         nproc=1,
     params:
+        torch_env=torch_env,
         launch=train_launcher,
         run_dir=run_dir,
         overrides=train_overrides,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} vopd.train --config {input.config}"
+        "{params.torch_env} {params.launch} vopd.train --config {input.config}"
         " --out {params.run_dir} {params.overrides} > {log} 2>&1"
