@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vopd.is_correction import sampler_logprobs_tensor
 from vopd.rollout import Rollouts
 
 
@@ -30,9 +31,12 @@ class RolloutBatch:
     position_ids_BL: torch.Tensor
     tokens_BT: torch.Tensor
     mask_BT: torch.Tensor
+    sampler_logp_BT: torch.Tensor | None = None  # the sampler's log p(y_t), when it returned it
 
     def rows(self, sl: slice) -> RolloutBatch:
-        return RolloutBatch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+        return RolloutBatch(
+            *(None if (x := getattr(self, f)) is None else x[sl] for f in self.__dataclass_fields__)
+        )
 
 
 def make_batch(rollouts: Rollouts, pad_id: int, device) -> RolloutBatch:
@@ -45,12 +49,17 @@ def make_batch(rollouts: Rollouts, pad_id: int, device) -> RolloutBatch:
         ids_BS[b, P - len(p) : P + len(c)] = torch.tensor(p + c)
         attn_BS[b, P - len(p) : P + len(c)] = 1
     pos_BS = (attn_BS.cumsum(-1) - 1).clamp_min(0)  # what generate uses under left padding
+    sampler_BT = None
+    if rollouts.sampler_logprobs is not None:
+        lengths = [len(c) for c in rollouts.completion_ids]
+        sampler_BT = sampler_logprobs_tensor(rollouts.sampler_logprobs, lengths, T).to(device)
     return RolloutBatch(
         ids_BS[:, :-1].to(device),
         attn_BS[:, :-1].to(device),
         pos_BS[:, :-1].to(device),
         ids_BS[:, P:].to(device),
         attn_BS[:, P:].to(device),
+        sampler_BT,
     )
 
 

@@ -69,7 +69,11 @@ def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
 
 
 def latest_resumable(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that holds a resume state, or None."""
+    """The newest checkpoint that holds a resume state, or None. Leftovers of a checkpoint that
+    was being written when the job died (hidden ``.step{N}.tmp-*`` directories) are removed."""
+    root = Path(run_dir) / "checkpoints"
+    for tmp in root.glob(".step*.tmp-*") if root.is_dir() else ():
+        shutil.rmtree(tmp, ignore_errors=True)
     for _, d in reversed(list_checkpoints(run_dir).items()):
         if (d / STATE_FILE).exists():
             return d

@@ -29,6 +29,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adam")
 BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+FINETUNE = ("full", "lora")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,30 @@ class TrainConfig:
     """Sequences per forward/backward (gradient accumulation); 0 = the whole rollout batch.
     The loss stays the exact mean over the whole batch either way."""
 
+    # --- scale-out: policy, vLLM, IS correction (vopd.policy, vopd.rollout.vllm) -----------
+    finetune: str = "full"
+    """full (every weight trains) or lora (PEFT adapters on the frozen base; official)."""
+    lora_r: int = 64
+    """LoRA rank (official 64)."""
+    lora_alpha: float = 128.0
+    """LoRA α; the adapter's update is scaled by α/r (official 128)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout recorded in the adapter (official 0.05); zeroed in training like every
+    dropout (TRL disable_dropout)."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Comma-separated module names that get adapters (official: all seven projections)."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's activations in backward (official: on)."""
+    chat_template: bool = False
+    """Wrap each prompt in the student tokenizer's chat template, thinking off (official: off)."""
+    vllm_gpu_memory_utilization: float = 0.6
+    """Fraction of the GPU the colocated vLLM engine may take (official 0.6)."""
+    is_correction: bool = False
+    """Multiply each sequence's policy-gradient loss by exp(Σ_t log p_train − log p_sampler),
+    zeroed above ``is_cap`` (TRL's vLLM default: on); exact estimators are not weighted."""
+    is_cap: float = 3.0
+    """IS weights above this are set to 0 (TRL vllm_importance_sampling_cap 3)."""
+
     # --- run ----------------------------------------------------------------------------------
     seed: int = 42
     """Seed of initialisation-free randomness: prompt order and rollout sampling (official 42)."""
@@ -118,6 +143,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("rollout_backend", self.rollout_backend, BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("finetune", self.finetune, FINETUNE)
         for name in ("student", "teacher", "prompts", "prompt_column"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a non-empty string")
@@ -136,6 +162,16 @@ class TrainConfig:
         _range("adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)
         _range("adam_eps", self.adam_eps, lo=0, lo_open=True)
         _range("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True)
+        _range("lora_r", self.lora_r, lo=1)
+        _range("lora_alpha", self.lora_alpha, lo=0, lo_open=True)
+        _range("lora_dropout", self.lora_dropout, lo=0, hi=1, hi_open=True)
+        _range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, lo=0, hi=1,
+               lo_open=True)  # fmt: skip
+        _range("is_cap", self.is_cap, lo=0, lo_open=True)
+        if not any(t.strip() for t in self.lora_targets.split(",")):
+            raise ValueError(
+                f"lora_targets={self.lora_targets!r}: expected module names, e.g. q_proj"
+            )
         _range("temperature", self.temperature, lo=0, lo_open=True)  # OPD samples: T > 0
         _range("top_p", self.top_p, lo=0, hi=1, lo_open=True)
         if self.sampling_top_k == 0 or self.sampling_top_k < -1:

@@ -234,8 +234,9 @@ def local_denominator(mask_BT: Tensor, normalize: str) -> float:
 def loss_weights(mask_BT: Tensor, normalize: str, seq_weight_B: Tensor | None = None) -> Tensor:
     """m'_BT to pass to an estimator as its mask with ``normalize="token_mean"``:
     m'_t = m_t·s_b (token_mean) or m_t·s_b / n_b (seq_mean, n_b = Σ_t m_t; 0 for empty rows),
-    s_b = ``seq_weight_B`` (default 1). Float64 when the mask is float64, else float32."""
-    dtype = torch.float64 if mask_BT.dtype == torch.float64 else torch.float32
+    s_b = ``seq_weight_B`` (default 1). Float64 ([B, T] only: cheap), so 1/n_b and the IS
+    weights are exact to the estimator's accumulation dtype."""
+    dtype = torch.float64
     m = mask_BT.to(dtype)
     if normalize == "seq_mean":
         n_B = m.sum(-1, keepdim=True)

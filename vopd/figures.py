@@ -127,6 +127,7 @@ def training_curves(results_dir: Path, args):
             )
             _band(ax, smooth.index, smooth.mean(axis=1), std, est, est)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(metric)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
@@ -143,7 +144,9 @@ def variance_ratio(results_dir: Path, args):
     tv = ratios[ratios["probe"] == "total_variance"]
     if tv.empty:
         tv = ratios  # whatever variance-type probe there is
-    for (est, probe), g in tv.groupby(["estimator", "probe"]):
+    for est in estimator_order(tv["estimator"].unique()):
+        g = tv[tv["estimator"] == est]
+        probe = g["probe"].iloc[0]
         stats = g.groupby("step")["ratio"].agg(["mean", "std"]).fillna(0.0)
         left.errorbar(
             stats.index,
@@ -156,6 +159,7 @@ def variance_ratio(results_dir: Path, args):
         )
     left.axhline(1.0, color="gray", lw=0.8, ls="--")
     left.set_xlabel("checkpoint step")
+    left.xaxis.get_major_locator().set_params(integer=True)
     left.set_ylabel(f"total variance / {ref}")
     left.set_title("probes at fixed checkpoints", fontsize=9)
     if not tv.empty:
@@ -175,6 +179,7 @@ def variance_ratio(results_dir: Path, args):
         right.set_yscale("log")
         right.legend(fontsize=7)
     right.set_xlabel("training step")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel(f"Adam proxy / {ref} (same seed)")
     right.set_title("Adam-moment proxy during training", fontsize=9)
     fig.tight_layout()
@@ -183,6 +188,8 @@ def variance_ratio(results_dir: Path, args):
 
 def cost(results_dir: Path, args):
     agg, _ = cost_summary(load(results_dir, "profile"), args.reference_estimator)
+    if "mode" in agg.columns and (agg["mode"] == "loss").any():
+        agg = agg[agg["mode"] == "loss"]  # the estimator's own cost; train_step is in the table
     agg = agg[agg["seq_len"] == agg["seq_len"].max()]
     agg = agg[agg["batch"] == agg["batch"].min()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))

@@ -67,14 +67,32 @@ def _field(row: dict, key: str, candidates, fields: dict, where: str, required=T
             )
         return row[fields[key]]
     for c in candidates:
-        if _present(row.get(c)) and not isinstance(row[c], dict):
-            return row[c]
+        value = row.get(c)
+        if _present(value) and not isinstance(value, dict):
+            if key == "problem" and not isinstance(value, str):
+                continue  # e.g. a chat-format `prompt` list: not the problem text
+            return value
     if required:
         raise ValueError(
             f"{where}: no {key} field (looked for {', '.join(candidates)}); fields "
             f"present: {sorted(row)}; pass --field {key}=COLUMN"
         )
     return None
+
+
+def _unwrap_rl_layout(row: dict) -> dict:
+    """verl/TRL RL parquet rows (``prompt`` = chat messages, ``reward_model.ground_truth``) as
+    plain problem/answer fields, unless the row has them already."""
+    row = dict(row)
+    prompt = row.get("prompt")
+    if "problem" not in row and isinstance(prompt, (list, tuple)) and prompt:
+        user = [m for m in prompt if isinstance(m, dict) and m.get("role", "user") == "user"]
+        if user and isinstance(user[-1].get("content"), str):
+            row["problem"] = user[-1]["content"]
+    reward = row.get("reward_model")
+    if "answer" not in row and isinstance(reward, dict) and _present(reward.get("ground_truth")):
+        row["answer"] = reward["ground_truth"]
+    return row
 
 
 def answer_string(value) -> str:
@@ -118,6 +136,7 @@ def _math_row(row: dict, spec, fields: dict, where: str) -> dict:
 # Multiple-choice rows
 
 _EMBEDDED = re.compile(r"(?m)^[ \t]*\(?([A-Z])[\.\)][ \t]+(.+?)[ \t]*$")
+_INLINE = re.compile(r"\(([A-Z])\)\s*(.+?)(?=\s*\([A-Z]\)|\s*$)", re.S)  # "(A) x (B) y"
 _LABEL_PREFIX = re.compile(r"^\s*\(?([A-Z])[\.\):]\s+")
 
 
@@ -155,22 +174,30 @@ def _choices(row: dict, question: str, fields: dict, where: str):
     letters_cols = [k for k in LETTERS if _present(row.get(k))]
     if len(letters_cols) >= 2 and letters_cols == list(LETTERS[: len(letters_cols)]):
         return [str(row[k]) for k in letters_cols], False, None
-    found = _EMBEDDED.findall(question)
-    texts = []
-    for letter, text in found:  # keep the run A, B, C, ... (the choices block)
-        if letter == LETTERS[len(texts)]:
-            texts.append(text)
-        elif letter == "A":
-            texts = [text]
-    if len(texts) >= 2:
-        return texts, True, None
-    raise ValueError(
-        f"{where}: no choices found (looked for {', '.join(CHOICE_KEYS)}, columns A-D, "
-        f"GPQA columns, or 'A. ...' lines in the question); pass --field choices=COLUMN"
-    )
+    for found in (_EMBEDDED.findall(question), _INLINE.findall(question)):
+        texts = []
+        for letter, text in found:  # keep the run A, B, C, ... (the choices block)
+            if letter == LETTERS[len(texts)]:
+                texts.append(text.strip())
+            elif letter == "A":
+                texts = [text.strip()]
+        if len(texts) >= 2:
+            return texts, True, None
+    # none found: the question must carry its options in some other layout; a letter gold
+    # still grades (choices unknown: letters A-D, or up to the gold's letter)
+    return None, True, None
 
 
-def _gold_letter(value, choices: list[str], where: str) -> str:
+def _gold_letter(value, choices: list[str] | None, where: str) -> str:
+    if choices is None:  # options not found: only a letter gold can be read
+        m = re.fullmatch(r"[\(\[]?\s*([A-Za-z])\s*[\)\]\.]?", str(value).strip())
+        if not m:
+            raise ValueError(
+                f"{where}: no choices found (looked for {', '.join(CHOICE_KEYS)}, columns A-D, "
+                f"GPQA columns, 'A. ...' lines or '(A) ...' in the question) and the gold "
+                f"{value!r} is not a letter; pass --field choices=COLUMN"
+            )
+        return m.group(1).upper()
     n = len(choices)
     if (
         isinstance(value, (int, float))
@@ -207,7 +234,7 @@ def _mcq_row(row: dict, spec, fields: dict, where: str) -> dict:
         question
         if embedded
         else question + "\n\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    )
+    )  # an embedded block (or options in an unknown layout) stays as written
     prompt = f"{problem}\n\n{MCQ_INSTRUCTION}"
     return {"problem": problem, "prompt": prompt, "answer": gold, "choices": choices}
 
@@ -239,6 +266,7 @@ def normalize(
         raise ValueError(f"benchmark {spec.name!r} from {source or 'its source'} has no rows")
     out, seen = [], set()
     for i, row in enumerate(rows):
+        row = _unwrap_rl_layout(row)
         where = f"{spec.name} row {i}"
         rid = _field(row, "id", ID_KEYS, fields, where, required=False)
         rid = answer_string(rid) if rid is not None else str(i)

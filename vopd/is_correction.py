@@ -27,9 +27,10 @@ PG_ESTIMATORS = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")
 
 
 def sampler_logprobs_tensor(
-    rows: list[list[float]], lengths: list[int], T: int, *, dtype=torch.float32
+    rows: list[list[float]], lengths: list[int], T: int, *, dtype=torch.float64
 ) -> Tensor:
-    """Right-pad per-sequence sampler log-probs into [B, T] (zeros on padding).
+    """Right-pad per-sequence sampler log-probs into [B, T] (zeros on padding; float64, so the
+    sums over thousands of tokens in the IS weight add no rounding of their own).
 
     ``lengths[b]`` is the number of completion tokens of sequence b the trainer scores; a row
     shorter than that is an error (the sampler did not return a log-prob for every token)."""
@@ -109,16 +110,13 @@ def step_weights(
     mask_BT: Tensor,
     *,
     cap: float = IS_CAP,
-) -> tuple[Tensor | None, dict[str, float]]:
-    """The trainer's seam: (the per-sequence weights to apply, or None; the mismatch metrics).
-
-    Weights only when the correction is ``enabled`` and ``estimator`` is a policy-gradient one;
-    metrics whenever the sampler's log-probs are known (empty dict otherwise)."""
+) -> Tensor | None:
+    """The trainer's seam: the per-sequence weights to multiply the loss by, or None (correction
+    off, or an exact estimator, which the official code does not weight)."""
+    if not enabled:
+        return None
     if logp_sampler_BT is None:
-        if enabled:
-            raise ValueError("is_correction=true needs the rollout backend's sampler log-probs")
-        return None, {}
-    metrics = mismatch_metrics(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap)
-    if not enabled or estimator not in PG_ESTIMATORS:
-        return None, metrics
-    return sequence_is_weights(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap), metrics
+        raise ValueError("is_correction=true needs the rollout backend's sampler log-probs")
+    if estimator not in PG_ESTIMATORS:
+        return None
+    return sequence_is_weights(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap)

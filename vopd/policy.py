@@ -24,6 +24,7 @@ import torch
 
 from vopd import lora
 from vopd.rollout import RolloutBackend, get_backend
+from vopd.vocab import logit_rows
 
 
 def student_dtype(cfg) -> str:
@@ -48,19 +49,27 @@ def prepare_student(cfg, model, *, adapter: str | Path | None = None):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-        else:
-            model = lora.apply_lora(
-                model,
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                targets=lora_targets(cfg),
-                base_name_or_path=cfg.student,
-            )
+        else:  # A's random init is a function of the seed (B starts at 0), caller's RNG kept
+            cuda = list(range(torch.cuda.device_count()))
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(cfg.seed)
+                model = lora.apply_lora(
+                    model,
+                    r=cfg.lora_r,
+                    alpha=cfg.lora_alpha,
+                    dropout=cfg.lora_dropout,
+                    targets=lora_targets(cfg),
+                    base_name_or_path=cfg.student,
+                )
     lora.set_dropout(model, 0.0)  # official TRL disable_dropout=True
     if cfg.gradient_checkpointing:
-        # non-reentrant checkpointing needs no input gradients (the embeddings may be frozen)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing needs no input gradients (the embeddings may be frozen);
+        # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
@@ -68,10 +77,17 @@ def lora_targets(cfg) -> tuple[str, ...]:
     return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
 
 
-def make_backend(cfg, student, tokenizer, *, sampler_limit: int | None = None) -> RolloutBackend:
+def make_backend(cfg, student, tokenizer, V: int) -> RolloutBackend:
     """The rollout engine of ``cfg.rollout_backend``: hf samples the in-process student itself;
-    vllm runs a colocated engine on the student's base weights and is synced every step."""
+    vllm runs a colocated engine on the student's base weights and is synced every step. When
+    the student has logit rows beyond the shared vocabulary ``V``, vLLM may not sample them."""
     if cfg.rollout_backend == "hf":
+        if logit_rows(student) > V:
+            raise ValueError(
+                f"the student has {logit_rows(student)} logit rows but only {V} are shared with "
+                "the teacher: the hf backend cannot keep sampling inside the shared vocabulary; "
+                "use rollout_backend=vllm (it restricts the sampler) or a teacher with as many rows"
+            )
         return get_backend(
             "hf", model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
         )
@@ -85,5 +101,5 @@ def make_backend(cfg, student, tokenizer, *, sampler_limit: int | None = None) -
         enable_lora=cfg.finetune == "lora",
         max_lora_rank=cfg.lora_r,
         seed=cfg.seed,
-        sampler_limit=sampler_limit,
+        sampler_limit=V if logit_rows(student) > V else None,
     )

@@ -42,6 +42,10 @@ ESTIMATOR_ORDER = ("sample_opd", "vopd", "vopd_topk", "full_opd", "topk_opd", "o
 TABLES = ("accuracy", "training", "variance", "cost")
 FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost")
 TRAINING_METRICS = ("kl_mean", "reward_mean", "entropy", "response_len", "grad_norm", "step_s")
+# The probes the Markdown variance table shows (variance.csv has all of them): ratios to the
+# reference estimator, then raw values (names of python -m vopd.variance).
+MD_RATIO_PROBES = ("total_variance", "exact_position_variance")
+MD_RAW_PROBES = ("cosine_to_full_opd_debiased", "bias_ratio_vs_full_opd")
 EXACT_MAX_N = 8
 LEVEL = 0.95
 
@@ -325,42 +329,53 @@ def variance_table(var, reference_estimator="sample_opd"):
     def label(est, run_est):
         return f"{est} @ {run_est} checkpoints" if multi_run else est
 
+    shown_ratio = [p for p in MD_RATIO_PROBES if p in set(ratios["probe"])] or sorted(
+        set(ratios["probe"])
+    )
+    last_probe_step = ratios["step"].max() if not ratios.empty else None
     for (run_est, probe, step, est), g in ratios.groupby(
         ["run_estimator", "probe", "step", "estimator"]
     ):
         s = seed_stats(g["ratio"])
         csv_rows.append(
-            {
-                "estimator": est,
-                "run_estimator": run_est,
-                "probe": f"{probe}_ratio",
-                "step": step,
-                **s,
-            }
+            {"estimator": est, "run_estimator": run_est, "probe": f"{probe}_ratio", "step": step}
+            | s
         )
-        col = f"{probe} ratio @ step {step}"
-        header_cols.append(col)
-        cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
+        # Markdown: the headline probe at every step, the other shown ones at the last step.
+        if probe in shown_ratio and (probe == shown_ratio[0] or step == last_probe_step):
+            col = f"{probe} ratio @ step {step}"
+            header_cols.append(col)
+            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
     last = others["step"].max() if not others.empty else None
     for (run_est, probe, est), g in others[others["step"] == last].groupby(
         ["run_estimator", "probe", "estimator"]
     ):
         s = seed_stats(g["value"])
         csv_rows.append(
-            {"estimator": est, "run_estimator": run_est, "probe": probe, "step": last, **s}
+            {"estimator": est, "run_estimator": run_est, "probe": probe, "step": last} | s
         )
-        col = f"{probe} @ step {last}"
-        header_cols.append(col)
-        cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
+        if probe in MD_RAW_PROBES:
+            col = f"{probe} @ step {last}"
+            header_cols.append(col)
+            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
     for est, g in adam.groupby("estimator"):
         s = seed_stats(g["ratio"])
         csv_rows.append(
-            {"estimator": est, "run_estimator": est, "probe": "adam_proxy_ratio", "step": -1, **s}
+            {"estimator": est, "run_estimator": est, "probe": "adam_proxy_ratio", "step": -1} | s
         )
         col = "Adam proxy ratio (own run, training mean)"
         header_cols.append(col)
         cells_by_est.setdefault(est, {})[col] = fmt_stats(s)
-    header_cols = list(dict.fromkeys(header_cols))
+
+    def column_order(col: str):
+        if col.startswith("Adam proxy"):
+            return (2, 0, 0)
+        name, _, step = col.partition(" @ step ")
+        if name.endswith(" ratio"):
+            return (0, shown_ratio.index(name[: -len(" ratio")]), int(step))
+        return (1, MD_RAW_PROBES.index(name), 0)
+
+    header_cols = sorted(dict.fromkeys(header_cols), key=column_order)
     order = estimator_order({k.split(" @ ")[0] for k in cells_by_est})
     rows = [
         [k, *[cells_by_est[k].get(c, "—") for c in header_cols]]
@@ -372,7 +387,7 @@ def variance_table(var, reference_estimator="sample_opd"):
         f"Ratios to {reference_estimator} (below 1 = less variance). Probes: the same "
         "checkpoint for every estimator; Adam proxy: sum(v_hat - m_hat^2) of each estimator's "
         "own run, ratio of training means paired by seed (step -1 in the CSV). "
-        "Mean ± std over seeds [95% bootstrap CI].\n"
+        "Mean ± std over seeds [95% bootstrap CI]. Every probe is in variance.csv.\n"
     )
     return pd.DataFrame(csv_rows), markdown_table(["estimator", *header_cols], rows) + "\n" + note
 
@@ -483,11 +498,14 @@ def claims(results_dir: Path, args) -> list[str]:
             if delta is None:
                 continue
             s = seed_stats(delta)
-            sign = "contains 0" if s["ci_lo"] <= 0 <= s["ci_hi"] else "excludes 0"
+            if s["n_seeds"] < 2:
+                sign = "one seed: no CI"
+            else:
+                sign = "the CI " + ("contains 0" if s["ci_lo"] <= 0 <= s["ci_hi"] else "excludes 0")
             lines.append(
                 f"- **{claim}**: {a} − {b} = {fmt_stats(s)} in mean {args.metric}@n "
                 f"over benchmarks, paired over {s['n_seeds']} seeds "
-                f"({int((delta > 0).sum())} positive); the CI {sign}."
+                f"({int((delta > 0).sum())} positive); {sign}."
             )
     var = load(results_dir, "variance", required=False)
     if var is not None and not var.empty:
@@ -509,6 +527,8 @@ def claims(results_dir: Path, args) -> list[str]:
     prof = load(results_dir, "profile", required=False)
     if prof is not None and not prof.empty:
         agg, _ = cost_summary(prof, ref)
+        if "mode" in agg.columns and (agg["mode"] == "loss").any():
+            agg = agg[agg["mode"] == "loss"]
         top = agg[agg["vocab_size"] == agg["vocab_size"].max()]
         top = top[top["seq_len"] == top["seq_len"].max()]
         parts = [

@@ -2,6 +2,9 @@
 two into a gradient (arXiv 2605.07865; estimators in :mod:`vopd.estimators`).
 
     python -m vopd.train --config config/train/toy.yaml --out results/toy/vopd/seed0 [key=value ...]
+    torchrun --nproc-per-node 4 -m vopd.train --config config/train/paper.yaml --out RUN_DIR
+
+GPU scale (LoRA, bf16, vLLM rollouts, several processes): docs/scale.md.
 
 Each optimizer step:
 
@@ -11,13 +14,14 @@ Each optimizer step:
 2. one no-grad teacher forward (eval mode) on the same prompt + completion tokens;
 3. one student forward; the estimator's loss on the completion positions only (logits at
    position t predict completion token t; prompt positions are never projected to the
-   vocabulary); backward, grad-norm clip, Adam/AdamW step, LR schedule.
+   vocabulary); backward (steps 2-3: :mod:`vopd.loss`), grad-norm clip, Adam/AdamW step, LR
+   schedule.
 
 Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; reference-semantics.md):
 - the student forward runs once, not twice (the official code recomputes log p in a second pass);
-- no PPO ratio / clip and no vLLM importance-sampling weight: with one update per rollout batch
-  the ratio is 1 and clipping is inactive (ref-sem §0); the hf backend samples from the exact
-  training policy, so there is nothing to correct;
+- no PPO ratio / clip: with one update per rollout batch the ratio is 1 and clipping is
+  inactive (ref-sem §0). The vLLM importance-sampling weight is an option (``is_correction``,
+  vopd.is_correction; the hf backend samples the exact training policy: nothing to correct);
 - every estimator shares one normalisation (``normalize``); the official Full OPD runs at 64x
   the PG methods' scale (ref-sem §1). ``detach_reward=False`` reproduces the released sample-OPD
   advantage.
@@ -45,13 +49,17 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vopd import checkpoint as ckpt
-from vopd.batch import RolloutBatch, completion_logits, make_batch
+from vopd import distributed as dist
+from vopd import policy
+from vopd.batch import make_batch
+from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
-from vopd.estimators import ESTIMATORS, row_stats
 from vopd.gradstats import adam_moment_proxy
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
-from vopd.models import check_vocab, load_model, load_tokenizer, resolve_model_path
-from vopd.rollout import SamplingParams, get_backend
+from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the seams)
+from vopd.models import load_model, load_tokenizer, resolve_model_path
+from vopd.rollout import SamplingParams
+from vopd.vocab import logit_rows, shared_vocab
 
 TOPK_ESTIMATORS = ("vopd_topk", "topk_opd")
 
@@ -99,24 +107,26 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def load_models(cfg: TrainConfig, student_path: str, device: torch.device):
-    """Student (trainable, dropout off), frozen teacher (eval mode), tokenizer, shared vocab V."""
+def load_models(cfg: TrainConfig, student_path: str, device: torch.device, *, adapter=None):
+    """Student (trainable: full or LoRA, ``adapter`` resumed; dropout off), frozen teacher (eval
+    mode), tokenizer, shared vocab V (vopd.vocab: one tokenizer, logits sliced to shared rows)."""
     for path in (student_path, cfg.teacher):
         resolve_model_path(path)  # a missing path fails before anything is loaded
-    tokenizer = load_tokenizer(student_path)
-    V = check_vocab(tokenizer, load_tokenizer(cfg.teacher))
-    student = load_model(student_path, dtype=cfg.dtype, device=device)
+    tokenizer, teacher_tok = load_tokenizer(student_path), load_tokenizer(cfg.teacher)
+    shared_vocab(tokenizer, teacher_tok)  # a tokenizer mismatch fails before weights load
+    student = load_model(student_path, dtype=policy.student_dtype(cfg), device=device)
     teacher = load_model(cfg.teacher, dtype=cfg.dtype, device=device)
-    V = check_vocab(tokenizer, tokenizer, student, teacher)
+    plan = shared_vocab(tokenizer, teacher_tok, logit_rows(student), logit_rows(teacher))
+    for note in plan.notes:
+        print(f"vocab: {note}", file=sys.stderr)
+    V = plan.rows
     if cfg.estimator in TOPK_ESTIMATORS and cfg.top_k >= V:
         raise ValueError(
             f"top_k={cfg.top_k} >= vocabulary size {V}: estimator {cfg.estimator!r} would cover "
             f"the whole vocabulary; set top_k < {V}"
         )
     teacher.eval().requires_grad_(False)
-    for module in student.modules():  # official TRL disable_dropout=True
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    student = policy.prepare_student(cfg, student, adapter=adapter)  # LoRA/full, dropout off
     student.train()
     return student, teacher, tokenizer, V
 
@@ -175,89 +185,6 @@ def step_seed(seed: int, step: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss: one forward per model, logits on completion positions only.
-
-
-def compute_loss(student, teacher_logits_BTV, batch: RolloutBatch, estimator: str, options, V):
-    """The estimator's loss on one (micro-)batch and its metrics, plus the no-grad diagnostics
-    (KL, entropy, reward) over the same positions, from the same logits."""
-    logits_BTV = completion_logits(student, batch, V)
-    loss, metrics = ESTIMATORS[estimator](
-        logits_BTV, teacher_logits_BTV, batch.tokens_BT, batch.mask_BT, **options
-    )
-    y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
-    st = row_stats(
-        logits_BTV.detach().reshape(-1, V),
-        teacher_logits_BTV.reshape(-1, V),
-        y_N,
-        kl=True,
-        entropy=True,
-    )
-    m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
-    sums = {
-        "kl_mean": float((st["kl"] * m_N).sum()),
-        "entropy": float((st["entropy"] * m_N).sum()),
-        "reward_mean": float(((st["logq_y"] - st["logp_y"]) * m_N).sum()),
-    }
-    return loss, metrics, sums
-
-
-def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, sync) -> dict:
-    """Forward/backward over micro-batches; the summed loss is the estimator's loss on the whole
-    batch (token_mean: weight each micro-batch by its share of tokens; seq_mean: of sequences)."""
-    B = batch.tokens_BT.shape[0]
-    micro = cfg.micro_batch_size or B
-    n_tok = batch.mask_BT.sum().clamp_min(1)
-    n_seq = (batch.mask_BT.sum(-1) > 0).sum().clamp_min(1)
-    options = cfg.estimator_options()
-    out = {"loss": 0.0, "time_teacher_s": 0.0, "time_update_s": 0.0}
-    sums = {"kl_mean": 0.0, "entropy": 0.0, "reward_mean": 0.0}
-    parts = []
-    for a in range(0, B, micro):
-        mb = batch.rows(slice(a, a + micro))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits_BTV = completion_logits(teacher, mb, V)
-        sync()
-        t1 = time.perf_counter()
-        loss, metrics, mb_sums = compute_loss(
-            student, teacher_logits_BTV, mb, cfg.estimator, options, V
-        )
-        if cfg.normalize == "token_mean":
-            scale = mb.mask_BT.sum() / n_tok
-        else:
-            scale = (mb.mask_BT.sum(-1) > 0).sum() / n_seq
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
-        (loss * scale).backward()
-        sync()
-        out["time_teacher_s"] += t1 - t0
-        out["time_update_s"] += time.perf_counter() - t1
-        out["loss"] += float(loss.detach()) * float(scale)
-        for k, v in mb_sums.items():
-            sums[k] += v
-        parts.append((float(mb.mask_BT.sum()), metrics))
-    out.update({k: v / float(n_tok) for k, v in sums.items()})
-    out.update(_merge_metrics(parts))
-    return out
-
-
-def _merge_metrics(parts: list[tuple[float, dict]]) -> dict:
-    """Token-weighted means of per-micro-batch metrics; ``x_std`` pooled with ``x_mean``."""
-    total = sum(w for w, _ in parts) or 1.0
-    merged = {}
-    for key in parts[0][1]:
-        if key.endswith("_std"):
-            mean_key = key[:-4] + "_mean"
-            mean = sum(w * m[mean_key] for w, m in parts) / total
-            second = sum(w * (m[key] ** 2 + m[mean_key] ** 2) for w, m in parts) / total
-            merged[key] = math.sqrt(max(second - mean**2, 0.0))
-        else:
-            merged[key] = sum(w * m[key] for w, m in parts) / total
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------
 # The run: resume, loop, checkpoints, done.json.
 
 
@@ -282,8 +209,11 @@ def _init_run_dir(cfg: TrainConfig, out: Path) -> None:
 
 
 def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, step: int):
-    """The step's prompts (seeded data order) and the current student's samples (seeded)."""
+    """The step's prompts (seeded data order; this rank's contiguous share) and the current
+    student's samples (seeded per step and rank)."""
     idx = prompt_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step)
+    rank = dist.from_env()
+    idx = idx[slice(*dist.shard_bounds(len(idx), rank.rank, rank.world_size))]
     backend.sync_weights(student)
     sampling = SamplingParams(
         temperature=cfg.temperature,
@@ -291,7 +221,8 @@ def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, st
         top_k=cfg.sampling_top_k,
         max_new_tokens=cfg.max_new_tokens,
         n=cfg.samples_per_prompt,
-        seed=step_seed(cfg.seed, step),
+        seed=dist.rank_seed(step_seed(cfg.seed, step), rank.rank),
+        logprobs=cfg.is_correction or cfg.rollout_backend == "vllm",  # mismatch metrics
     )
     return backend.generate([prompts[i] for i in idx], sampling)
 
@@ -321,7 +252,8 @@ def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, schedul
     sync()
     m["time_update_s"] += time.perf_counter() - t1
     step_s = time.perf_counter() - t0
-    n_tokens = int(batch.mask_BT.sum())
+    n_tokens = int(dist.global_sum(float(batch.mask_BT.sum()), device))
+    n_seqs = dist.global_sum(len(rollouts), device)
     return {
         "step": step,
         **m,
@@ -329,8 +261,8 @@ def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, schedul
         "adv_std": m.get("adv_std"),
         "grad_norm": float(grad_norm),
         "lr": lr,
-        "response_len": n_tokens / len(rollouts),
-        "truncated_frac": float(np.mean(rollouts.truncated)),
+        "response_len": n_tokens / n_seqs,
+        "truncated_frac": dist.global_sum(sum(rollouts.truncated), device) / n_seqs,
         **adam_moment_proxy(optimizer),
         "num_tokens": n_tokens,
         "time_rollout_s": t_rollout,
@@ -347,24 +279,28 @@ def _state(optimizer, scheduler, step: int, cfg: TrainConfig) -> dict:
     }
 
 
-def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler) -> int:
+def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler, main: bool) -> int:
     """Fresh run: seed, save step0. Resume: restore optimizer, scheduler and RNG states and cut
-    metrics.jsonl back to the checkpoint. Returns the number of steps already done."""
+    metrics.jsonl back to the checkpoint. Returns the number of steps already done. Only the
+    ``main`` rank writes files."""
     metrics = out / "metrics.jsonl"
     if resume is None:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        metrics.unlink(missing_ok=True)
-        ckpt.save_checkpoint(out, 0, student, tokenizer, state=_state(optimizer, scheduler, 0, cfg))
+        if main:
+            metrics.unlink(missing_ok=True)
+            state = _state(optimizer, scheduler, 0, cfg)
+            ckpt.save_checkpoint(out, 0, student, tokenizer, state=state)
         return 0
     state = ckpt.load_state(resume)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
-    rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
-    write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
-    append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
+    if main:
+        rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
+        write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
+        append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
     return state["step"]
 
 
@@ -376,25 +312,34 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         return json.loads((out / "done.json").read_text())
     prompts = load_prompts(cfg)
     total = num_steps(cfg, len(prompts))
-    device = pick_device(cfg)
+    rank = dist.from_env()  # torchrun: one process per GPU (vopd.distributed)
+    if cfg.prompts_per_step < rank.world_size:
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} < {rank.world_size} processes: every "
+            "process needs at least one prompt per step"
+        )
+    device = dist.init(cfg.device)[1] if rank.enabled else pick_device(cfg)
     _check_run_dir(cfg, out)
-    resume = ckpt.latest_resumable(out)
+    resume = dist.broadcast_object(ckpt.latest_resumable(out))  # rank 0's view, for everyone
+    lora = cfg.finetune == "lora"  # a LoRA checkpoint is an adapter on cfg.student
     student, teacher, tokenizer, V = load_models(
-        cfg, str(resume) if resume else cfg.student, device
-    )
-    _init_run_dir(cfg, out)  # only now, after every check passed
+        cfg, str(resume or cfg.student) if not lora else cfg.student, device,
+        adapter=resume if lora else None,
+    )  # fmt: skip
+    if cfg.chat_template:
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
+    if rank.is_main:
+        _init_run_dir(cfg, out)  # only now, after every check passed
     optimizer, scheduler = build_optimizer(cfg, student, total)
-    backend = get_backend(
-        cfg.rollout_backend, model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
-    )
-    start = _start(out, resume, cfg, student, tokenizer, optimizer, scheduler)
+    backend = policy.make_backend(cfg, student, tokenizer, V)
+    start = _start(out, resume, cfg, student, tokenizer, optimizer, scheduler, rank.is_main)
     t_run = time.perf_counter()
     bar = tqdm(
         range(start + 1, total + 1),
         initial=start,
         total=total,
         desc=f"opd {cfg.estimator}",
-        disable=not progress,
+        disable=not progress or not rank.is_main,
         mininterval=1.0,
         file=sys.stderr,
     )
@@ -402,14 +347,18 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         row = opd_step(
             cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V
         )
-        append_jsonl(out / "metrics.jsonl", row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
-        if step % cfg.save_every == 0 or step == total:
-            state = _state(optimizer, scheduler, step, cfg)
-            ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
+        if rank.is_main:  # every rank ran the step; rank 0 alone writes
+            append_jsonl(out / "metrics.jsonl", row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
+            if step % cfg.save_every == 0 or step == total:
+                state = _state(optimizer, scheduler, step, cfg)
+                ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
         if stop_after is not None and stop_after <= step < total:
             return {}
     bar.close()
+    if not rank.is_main:
+        dist.barrier()  # rank 0 writes done.json, then joins
+        return json.loads((out / "done.json").read_text())
     rows = read_jsonl(out / "metrics.jsonl")
     done = {
         "steps": total,
@@ -421,6 +370,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         "mean_step_s": float(np.mean([r["step_s"] for r in rows])),
     }
     write_json(out / "done.json", done)  # last: its presence means the run finished
+    dist.barrier()
     return done
 
 
@@ -438,7 +388,10 @@ def main(argv=None) -> None:
         done = train(cfg, args.out, progress=not args.no_progress)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"out": str(args.out), **done}))
+    finally:
+        dist.shutdown()
+    if dist.from_env().is_main:
+        print(json.dumps({"out": str(args.out), **done}))
 
 
 if __name__ == "__main__":

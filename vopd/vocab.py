@@ -81,7 +81,7 @@ def compare_tokenizers(student_tok, teacher_tok) -> list[str]:
             shown = ", ".join(f"{k!r}: student {vs[k]} vs teacher {vt[k]}" for k in moved[:_SHOW])
             parts.append(f"{len(moved)} token(s) with different ids, e.g. {shown}")
         raise ValueError(
-            f"student and teacher tokenizers differ (student {len(vs)} tokens, teacher "
+            f"student and teacher vocabularies differ (student {len(vs)} tokens, teacher "
             f"{len(vt)}): " + "; ".join(parts) + ". On-policy distillation scores the student's "
             "token ids under the teacher, so both must use one tokenizer (pick a teacher from the "
             "student's family)."

@@ -167,10 +167,12 @@ def test_full_weight_sync_samples_the_new_weights(model_dir):
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
 def test_one_opd_step_with_vllm_and_lora(tmp_path, model_dir, estimator):
-    """``python -m vopd.train`` for one step: vLLM rollouts, LoRA student, IS correction on."""
-    import pandas as pd
+    """``python -m vopd.train`` for one step (own process: one colocated engine each): vLLM
+    rollouts, LoRA student, IS correction on, the small config's settings."""
+    import subprocess
+    import sys
 
-    from vopd.train import main
+    import pandas as pd
 
     prompts = tmp_path / "prompts.parquet"
     pd.DataFrame({"prompt": PROMPTS * 4}).to_parquet(prompts)
@@ -179,17 +181,18 @@ def test_one_opd_step_with_vllm_and_lora(tmp_path, model_dir, estimator):
     tiny_llama(tok, 1).save_pretrained(teacher)
     tok.save_pretrained(teacher)
     out = tmp_path / "run"
-    main(
-        [
-            "--config", str(CONFIG), "--out", str(out), "--no-progress",
-            f"student={model_dir}", f"teacher={teacher}", f"prompts={prompts}",
-            f"estimator={estimator}", "top_k=4", "prompts_per_step=8", "max_new_tokens=16",
-            "max_steps=1", "lr=1e-3", "lora_r=8", "lora_alpha=16", "micro_batch_size=4",
-            "vllm_gpu_memory_utilization=0.2",
-        ]
-    )  # fmt: skip
+    overrides = [
+        f"student={model_dir}", f"teacher={teacher}", f"prompts={prompts}",
+        f"estimator={estimator}", "top_k=4", "prompts_per_step=8", "max_new_tokens=16",
+        "max_steps=1", "lr=1e-3", "lora_r=8", "lora_alpha=16", "micro_batch_size=4",
+        "vllm_gpu_memory_utilization=0.2",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "vopd.train", "--config", str(CONFIG), "--out", str(out)]
+    res = subprocess.run([*cmd, "--no-progress", *overrides], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 1 and torch.isfinite(torch.tensor(row["loss"]))
-    assert "mismatch_kl" in row and row["is_weight_mean"] > 0
+    # bf16 vLLM vs the bf16 trainer on the same weights: a small but real mismatch
+    assert 0.0 <= row["mismatch_kl"] < 0.05 and row["is_weight_mean"] > 0
     assert (out / "checkpoints" / "step1" / "adapter_config.json").is_file()
     assert not (out / "checkpoints" / "step1" / "model.safetensors").exists()

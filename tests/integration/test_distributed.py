@@ -1,43 +1,54 @@
-"""Two gloo processes give the same gradient as one process on the same batch.
+"""Two gloo processes give the same gradient as one process on the same batch, through the
+trainer's own step (``vopd.train.train_step``), and a 2-process ``torchrun`` run works end to end.
 
-Five sequences of different prompt and completion lengths are split unevenly (3 + 2) across two
-CPU ranks, and each rank accumulates over micro-batches of 2 (so rank 0 runs 2 + 1). The global
-denominator (token count or non-empty sequence count) is summed over ranks, every micro-batch
-loss is scaled by Σm'/D (``vopd.distributed``), and gradients are summed once per step. The
-reference is one process on the whole batch: the estimator with its own normalisation, or, with
-per-sequence IS weights, the policy-gradient formula written out in float64 autograd.
-Everything runs in float64, so agreement is to ~1e-12.
+Five rollouts of different prompt and completion lengths are split unevenly (3 + 2) across two
+CPU ranks, and each rank accumulates over micro-batches of 2 (rank 0 runs 2 + 1). The reference
+is one process on the whole batch, computed without the trainer's normalisation code: the
+estimator called on all five sequences with its own normalisation, or, with per-sequence IS
+weights, the policy-gradient formula written out with autograd. Models run in float64, so the
+gradients agree to ~1e-12 (checked at 1e-9); a per-rank mean (what a naive DDP loop computes)
+is also shown to differ, so the test can fail.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from vopd.batch import completion_logits, make_batch
+from vopd.config import TrainConfig
+from vopd.estimators import ESTIMATORS
+from vopd.rollout import Rollouts
 
 pytestmark = pytest.mark.integration
 
 V = 19
-PROMPTS = [3, 5, 2, 4, 6]  # prompt lengths
-COMPLETIONS = [4, 1, 6, 3, 5]  # completion lengths: the token counts differ per sequence
-IS_LOGP_SHIFT = [0.02, -0.05, 0.01, 0.3, -0.1]  # per-sequence sampler perturbation (IS cases)
-CASES = [  # (estimator, normalize, IS weights)
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14], [15, 16, 17, 18, 1, 2]]
+COMPLETIONS = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13], [14, 15, 16], [17, 18, 2, 3, 4]]
+IS_SHIFT = [0.02, -0.05, 0.01, 0.3, -0.1]  # log p_train − log p_sampler per token, per sequence
+CASES = [  # (estimator, normalize, IS correction)
     ("vopd", "token_mean", False),
     ("vopd", "seq_mean", False),
     ("sample_opd", "token_mean", False),
-    ("full_opd", "token_mean", False),
+    ("full_opd", "seq_mean", False),
     ("vopd", "token_mean", True),
     ("vopd", "seq_mean", True),
+    ("full_opd", "token_mean", True),  # the exact estimators are never IS-weighted
 ]
 
 
-def build(seed: int = 0):
-    """Student, teacher (float64 tiny Llamas) and the padded batch: ids_BL, attn_BL, mask_BT."""
-    torch.manual_seed(seed)
+def models():
+    """Student and teacher: float64 tiny Llamas (the same on every rank: seeded)."""
+    torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=V,
         hidden_size=16,
@@ -47,32 +58,42 @@ def build(seed: int = 0):
         num_key_value_heads=1,
         max_position_embeddings=32,
     )
-    student = LlamaForCausalLM(cfg).double()
-    teacher = LlamaForCausalLM(cfg).double().eval()
-    L = max(p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True))
-    ids = torch.zeros(len(PROMPTS), L, dtype=torch.long)
-    attn = torch.zeros(len(PROMPTS), L, dtype=torch.long)
-    comp = torch.zeros(len(PROMPTS), L, dtype=torch.float64)
-    for b, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS, strict=True)):
-        ids[b, : p + c] = torch.randint(1, V, (p + c,))
-        attn[b, : p + c] = 1
-        comp[b, p : p + c] = 1.0
-    return student, teacher, ids, attn, comp[:, 1:]  # position t predicts ids[:, t + 1]
+    return LlamaForCausalLM(cfg).double().train(), LlamaForCausalLM(cfg).double().eval()
 
 
-def logits(model, ids, attn):
-    return model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-
-
-def is_weights(student, ids, attn, mask, rows):
-    """IS weights from a synthetic sampler: log p_sampler = log p_train − shift_b per token."""
-    from vopd.estimators import token_logprobs
-    from vopd.is_correction import sequence_is_weights
-
+def rollouts(student, rows) -> Rollouts:
+    """The rollouts ``rows`` with sampler log-probs = teacher-forced log p − IS_SHIFT[b]."""
+    batch = make_batch(
+        Rollouts(list(rows), [PROMPTS[i] for i in rows], [COMPLETIONS[i] for i in rows], [], []),
+        0,
+        "cpu",
+    )
     with torch.no_grad():
-        lp = token_logprobs(logits(student, ids, attn), ids[:, 1:])
-    shift = torch.tensor([IS_LOGP_SHIFT[i] for i in rows], dtype=torch.float64)
-    return sequence_is_weights(lp, lp - shift[:, None], mask)
+        lp = completion_logits(student, batch, V).log_softmax(-1)
+    lp_BT = lp.gather(-1, batch.tokens_BT[..., None])[..., 0]
+    sampler = [(lp_BT[j, : len(COMPLETIONS[i])] - IS_SHIFT[i]).tolist() for j, i in enumerate(rows)]
+    return Rollouts(
+        list(rows),
+        [PROMPTS[i] for i in rows],
+        [COMPLETIONS[i] for i in rows],
+        [""] * len(rows),
+        [False] * len(rows),
+        sampler,
+    )
+
+
+def config(estimator, normalize, is_corr, micro=0) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {
+            "student": "unused",
+            "teacher": "unused",
+            "prompts": "unused",
+            "estimator": estimator,
+            "normalize": normalize,
+            "is_correction": is_corr,
+            "micro_batch_size": micro,
+        }
+    )
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -85,56 +106,46 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     from vopd import distributed as D
-    from vopd.estimators import ESTIMATORS
+    from vopd.train import train_step
 
     info, device = D.init("cpu")
     assert (info.rank, info.world_size, device.type) == (rank, world, "cpu")
-    student, teacher, ids, attn, mask = build()
+    student, teacher = models()
     start, stop = D.shard_bounds(len(PROMPTS), rank, world)
+    batch = make_batch(rollouts(student, range(start, stop)), 0, "cpu")
     out = {}
-    for name, normalize, use_is in CASES:
+    for case in CASES:
         student.zero_grad(set_to_none=True)
-        micro = [(a, min(a + 2, stop)) for a in range(start, stop, 2)]
-        denom = D.global_sum(sum(D.local_denominator(mask[a:b], normalize) for a, b in micro))
-        for a, b in micro:
-            w_B = (
-                is_weights(student, ids[a:b], attn[a:b], mask[a:b], range(a, b)) if use_is else None
-            )
-            weights = D.loss_weights(mask[a:b], normalize, w_B)
-            with torch.no_grad():
-                t = logits(teacher, ids[a:b], attn[a:b])
-            loss, _ = ESTIMATORS[name](
-                logits(student, ids[a:b], attn[a:b]), t, ids[a:b, 1:], weights
-            )
-            (loss * D.loss_scale(weights, denom)).backward()
-        D.all_reduce_grads(student.parameters())
-        out[(name, normalize, use_is)] = {k: p.grad.clone() for k, p in student.named_parameters()}
+        m = train_step(config(*case, micro=2), student, teacher, batch, V, sync=lambda: None)
+        grads = {k: p.grad.clone() for k, p in student.named_parameters()}
+        out[case] = (grads, m)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     D.shutdown()
 
 
-def reference(name: str, normalize: str, use_is: bool) -> dict[str, torch.Tensor]:
-    """One process, the whole batch."""
-    from vopd.estimators import ESTIMATORS
-
-    student, teacher, ids, attn, mask = build()
-    s = logits(student, ids, attn)
+def reference(estimator: str, normalize: str, is_corr: bool):
+    """One process, all five sequences, no trainer code: (gradients, loss value)."""
+    student, teacher = models()
+    batch = make_batch(rollouts(student, range(len(PROMPTS))), 0, "cpu")
+    s = completion_logits(student, batch, V)
     with torch.no_grad():
-        t = logits(teacher, ids, attn)
-    y = ids[:, 1:]
-    if not use_is:
-        loss, _ = ESTIMATORS[name](s, t, y, mask, normalize=normalize)
-    else:  # −Σ_b w_b Σ_t c_bt sg[r_t + KL_t] log p(y_t), written out (vopd only)
-        assert name == "vopd"
-        w_B = is_weights(student, ids, attn, mask, range(len(PROMPTS)))
+        t = completion_logits(teacher, batch, V)
+    y, mask = batch.tokens_BT, batch.mask_BT.double()
+    if not is_corr or estimator != "vopd":
+        loss, _ = ESTIMATORS[estimator](s, t, y, mask, normalize=normalize)
+    else:  # −Σ_b w_b Σ_t c_bt sg[r_t + KL_t] ∇log p(y_t), w_b = exp(Σ_t shift_b) (shift < ln 3)
+        w_B = torch.tensor(
+            [len(c) * d for c, d in zip(COMPLETIONS, IS_SHIFT, strict=True)], dtype=torch.float64
+        ).exp()
         lp, lq = s.log_softmax(-1), t.log_softmax(-1)
-        lp_y = lp.gather(-1, y[..., None])[..., 0]
-        adv = (lq.gather(-1, y[..., None])[..., 0] - lp_y + (lp.exp() * (lp - lq)).sum(-1)).detach()
-        n_B = mask.sum(-1)
-        c = mask / mask.sum() if normalize == "token_mean" else mask / n_B[:, None] / len(n_B)
-        loss = -(w_B[:, None] * c * adv * lp_y).sum()
+        lp_y, lq_y = lp.gather(-1, y[..., None])[..., 0], lq.gather(-1, y[..., None])[..., 0]
+        adv = (lq_y - lp_y + (lp.exp() * (lp - lq)).sum(-1)).detach()
+        n_B = mask.sum(-1, keepdim=True)
+        c = mask / mask.sum() if normalize == "token_mean" else mask / n_B / len(n_B)
+        surrogate = -(w_B[:, None] * c * adv * lp_y).sum()
+        loss = (w_B[:, None] * c * (lp_y - lq_y)).sum().detach() + surrogate - surrogate.detach()
     loss.backward()
-    return {k: p.grad.clone() for k, p in student.named_parameters()}
+    return {k: p.grad.clone() for k, p in student.named_parameters()}, float(loss.detach())
 
 
 def _free_port() -> int:
@@ -144,43 +155,72 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_rank_grads(tmp_path_factory):
+def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-def test_shards_are_uneven():
+def test_the_split_is_uneven():
     from vopd.distributed import shard_bounds
 
     assert [shard_bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
-    # token counts per rank differ (3 sequences vs 2): a per-rank mean would be wrong
-    assert sum(COMPLETIONS[:3]) != sum(COMPLETIONS[3:])
+    assert sum(map(len, COMPLETIONS[:3])) != sum(map(len, COMPLETIONS[3:]))  # 11 vs 8 tokens
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_two_processes_equal_one(two_rank_grads, case):
-    ref = reference(*case)
-    g0, g1 = two_rank_grads[0][case], two_rank_grads[1][case]
+def test_two_processes_equal_one(two_ranks, case):
+    ref, ref_loss = reference(*case)
+    (g0, m0), (g1, m1) = two_ranks[0][case], two_ranks[1][case]
     for k, r in ref.items():
-        assert torch.equal(g0[k], g1[k]), k  # every rank ends with the same summed gradient
+        assert torch.equal(g0[k], g1[k]), k  # every rank holds the same summed gradient
         assert torch.allclose(g0[k], r, rtol=1e-9, atol=1e-13), (k, float((g0[k] - r).abs().max()))
     assert max(float(r.abs().max()) for r in ref.values()) > 1e-4  # a real, non-zero gradient
+    assert m0["loss"] == pytest.approx(ref_loss, rel=1e-9)
+    same = [k for k in m0 if not k.startswith("time_")]  # timings are each rank's own
+    assert {k: m0[k] for k in same} == {k: m1[k] for k in same}  # metrics reduced over ranks
+    if case[2]:  # the mismatch metrics see the synthetic sampler: d_t = IS_SHIFT[b] per token
+        n = sum(map(len, COMPLETIONS))
+        expected = sum(len(c) * d for c, d in zip(COMPLETIONS, IS_SHIFT, strict=True)) / n
+        assert m0["logp_diff_mean"] == pytest.approx(expected, rel=1e-6)
+        assert m0["logp_absdiff_max"] == pytest.approx(0.3, rel=1e-6)
 
 
-def test_a_per_rank_mean_would_differ(two_rank_grads):
-    """Sanity check of the test itself: averaging per-rank token means (what a naive DDP loop does)
-    gives a different gradient for this uneven split."""
-    from vopd.estimators import ESTIMATORS
-
-    student, teacher, ids, attn, mask = build()
-    for a, b in [(0, 3), (3, 5)]:
+def test_a_per_rank_mean_would_differ(two_ranks):
+    """What a naive DDP loop computes (the mean of per-rank token means) is not the global token
+    mean for this split, so the equality above is not automatic."""
+    student, teacher = models()
+    for rows in (range(0, 3), range(3, 5)):
+        batch = make_batch(rollouts(student, rows), 0, "cpu")
         with torch.no_grad():
-            t = logits(teacher, ids[a:b], attn[a:b])
-        loss, _ = ESTIMATORS["vopd"](
-            logits(student, ids[a:b], attn[a:b]), t, ids[a:b, 1:], mask[a:b]
-        )
+            t = completion_logits(teacher, batch, V)
+        s = completion_logits(student, batch, V)
+        loss, _ = ESTIMATORS["vopd"](s, t, batch.tokens_BT, batch.mask_BT)
         (loss / 2).backward()
-    ref = two_rank_grads[0][("vopd", "token_mean", False)]
-    diff = max(float((p.grad - ref[k]).abs().max()) for k, p in student.named_parameters())
-    assert diff > 1e-6
+    ref = two_ranks[0][("vopd", "token_mean", False)][0]
+    assert max(float((p.grad - ref[k]).abs().max()) for k, p in student.named_parameters()) > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: torchrun, 2 CPU processes, LoRA, the hf backend, the IS correction on.
+
+
+def test_torchrun_two_processes_lora(run_config, tmp_path):
+    cfg_path = run_config(
+        finetune="lora", lora_r=4, lora_alpha=8, is_correction=True, max_steps=2, save_every=1
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [*launcher, "-m", "vopd.train", "--config", str(cfg_path), "--out", str(out)]
+    cmd.append("--no-progress")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    finals = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(finals) == 1 and finals[0]["steps"] == 2  # rank 0 alone prints
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # one row per step, not one per rank
+    assert rows[0]["num_tokens"] > 0 and rows[0]["is_weight_mean"] > 0
+    step2 = out / "checkpoints" / "step2"
+    assert (step2 / "adapter_config.json").is_file() and not (step2 / "model.safetensors").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["finetune"] == "lora"

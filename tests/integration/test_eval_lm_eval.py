@@ -3,6 +3,7 @@
 one of the named grader differences documented in docs/evaluation.md (G1-G4)."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,11 +81,9 @@ def test_task_yamls_are_indexed_without_downloading():
 
 
 def test_math500_task_utils():
-    sys.path.insert(0, str(TASKS))
-    try:
-        import utils
-    finally:
-        sys.path.remove(str(TASKS))
+    spec = importlib.util.spec_from_file_location("vopd_lm_eval_utils", TASKS / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
     doc = {"solution": "so $\\boxed{\\frac{14}{3}}$", "answer": "\\frac{14}{3}"}
     assert utils.process_results(doc, ["... \\boxed{\\frac{14}{3}}"]) == {
         "boxed_exact_match": 1,

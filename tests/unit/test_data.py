@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from vopd import data
+from vopd.eval import grade as grade_cli
 from vopd.eval.grade import gold_samples, grade, math_verify_self_check
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
@@ -186,8 +187,29 @@ def test_bad_mcq_gold_and_missing_choices():
     spec = data.REGISTRY["gpqa_diamond"]
     with pytest.raises(ValueError, match="gold index 7 is out of range for 3 choices"):
         data.normalize([{"question": "q", "choices": ["a", "b", "c"], "answer": 7}], spec)
-    with pytest.raises(ValueError, match="no choices found"):
-        data.normalize([{"question": "q without options", "answer": "A"}], spec)
+    with pytest.raises(ValueError, match=r"no choices found .* is not a letter"):
+        data.normalize([{"question": "q without options", "answer": 0}], spec)
+
+
+def test_mcq_choice_layouts_inside_the_question():
+    spec = data.REGISTRY["gpqa_diamond"]
+    rows = [
+        {"question": "Which? (A) 1 eV (B) 2 eV (C) 3 eV (D) 4 eV", "answer": "B"},
+        {"question": "Options are in a figure.", "answer": "E"},
+    ]
+    inline, unknown = data.normalize(rows, spec)
+    assert inline["choices"] == ["1 eV", "2 eV", "3 eV", "4 eV"] and inline["answer"] == "B"
+    assert inline["problem"] == rows[0]["question"]  # kept as written
+    # options in an unknown layout: the letter gold still grades, with letters up to E
+    assert unknown["choices"] is None and unknown["answer"] == "E"
+    bench = pd.DataFrame([{**unknown, "id": "u"}])
+    samples = pd.DataFrame(
+        [
+            {"problem_id": "u", "sample_idx": i, "text": t, "num_tokens": 1, "truncated": False}
+            for i, t in enumerate(['{"answer": "E"}', "F"])
+        ]
+    )
+    assert list(grade(samples, bench)["correct"]) == [True, False]
 
 
 def test_duplicate_ids_and_missing_files(tmp_path):
@@ -239,3 +261,43 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
         data.main(["prepare", "--benchmark", "mmlu", "--path", str(out), "--out", str(again)])
     with pytest.raises(SystemExit, match="KEY=COLUMN"):
         data.main(["prepare", "--benchmark", "amc23", "--field", "oops", "--out", str(again)])
+
+
+def test_gold_check_cli(tmp_path, capsys):
+    bench = tmp_path / "minerva.parquet"
+    data.main(
+        [
+            "prepare",
+            "--benchmark",
+            "minerva",
+            "--path",
+            str(FIXTURES / "minerva.jsonl"),
+            "--out",
+            str(bench),
+        ]
+    )
+    grade_cli.main(["--gold-check", "--benchmark", str(bench), "--out-dir", str(tmp_path / "ok")])
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["avg@1"] == 1.0 and summary["n"] == 1 and summary["num_problems"] == 5
+    assert summary["gold_check"]["string_match_only"] == ["2"]  # np.arcsin(10/13)
+    # a gold the grader cannot read back (an unbalanced brace) fails the check
+    rows = data.load_benchmark(str(bench)).to_dict(orient="records")
+    rows[0]["answer"] = "\\frac{1}{2"
+    data.write_benchmark(rows, bench)
+    with pytest.raises(SystemExit) as exc:
+        grade_cli.main(["--gold-check", "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert exc.value.code == 1
+    assert "gold-check FAILED: 0" in capsys.readouterr().err
+
+
+def test_rl_parquet_layout_unwraps():
+    # verl-style rows: chat-format prompt, reward_model.ground_truth
+    rows = [
+        {
+            "data_source": "math_dapo",
+            "prompt": [{"role": "user", "content": "1+1?"}],
+            "reward_model": {"style": "rule", "ground_truth": "2"},
+        }
+    ]
+    (row,) = data.normalize(rows, data.REGISTRY["dapo14k"])
+    assert row["problem"] == "1+1?" and row["answer"] == "2"

@@ -84,7 +84,8 @@ def build_backend(args, base: str, lora: str | None):
 
     extra = dict(args.backend_arg)
     if args.backend != "hf":
-        return get_backend(args.backend, model=base, lora=lora, **extra), None, None
+        engine = {"seed": args.seed, **({"dtype": args.dtype} if args.dtype else {}), **extra}
+        return get_backend(args.backend, model=base, lora=lora, **engine), None, None
     import torch
 
     from vopd.lora import load_for_eval
@@ -93,9 +94,8 @@ def build_backend(args, base: str, lora: str | None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(lora if lora and _has_tokenizer(lora) else base)
     # an adapter is merged into its base with PEFT (W + (alpha/r) B A): plain-transformers speed
-    model = load_for_eval(
-        lora or base, base=base if lora else None, dtype=args.dtype, device=device
-    )
+    dtype = args.dtype or "float32"
+    model = load_for_eval(lora or base, base=base if lora else None, dtype=dtype, device=device)
     backend = get_backend(
         "hf", model=model, tokenizer=tokenizer, batch_size=args.batch_size, device=device, **extra
     )
@@ -215,7 +215,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="hf: sequences per generate call")
     ap.add_argument("--device", help="hf: cpu / cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: hf float32, vllm the model's own (auto)",
+    )
     ap.add_argument(
         "--chunk-size", type=int, help="problems per resumable chunk (default: hf 16, vllm all)"
     )

@@ -128,7 +128,9 @@ def grade(
     for i in np.flatnonzero(kind == "mcq"):
         ch = choices[i]
         ch = list(ch) if ch is not None and len(ch) >= 2 else None
-        extracted[i] = graders.extract_choice(texts[i], choices=ch)
+        # options unknown (an unparsed layout): letters A-D, or up to the gold's letter
+        n_choices = len(ch) if ch else max(4, "ABCDEFGHIJKLMNOPQRSTUVWXYZ".find(gold[i]) + 1)
+        extracted[i] = graders.extract_choice(texts[i], num_choices=n_choices, choices=ch)
         correct[i] = extracted[i] is not None and extracted[i] == gold[i]
     for i in math_rows:
         extracted[i] = graders.extract_boxed(texts[i])

@@ -48,8 +48,8 @@ def _sft(args) -> dict:
         seed=args.seed,
         eval_every=args.eval_every,
         eval_size=args.eval_size,
-        student_acc=args.student_acc,
-        teacher_acc=args.teacher_acc,
+        student_em=args.student_em,
+        teacher_em=args.teacher_em,
     )
     acc = summary["greedy_accuracy"]
     print(f"{'model':>8}  {'step':>5}  {'toy_test':>8}  {'toy_hard':>8}")
@@ -89,10 +89,12 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     s.add_argument("--seed", type=int, default=0, help="init and data seed")
-    s.add_argument("--eval-every", type=int, default=50, help="steps between val evaluations")
+    s.add_argument("--eval-every", type=int, default=20, help="steps between val evaluations")
     s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
-    s.add_argument("--student-acc", type=float, default=0.55, help="val accuracy of the student")
-    s.add_argument("--teacher-acc", type=float, default=0.97, help="early-stop val accuracy")
+    s.add_argument(
+        "--student-em", type=float, default=0.55, help="target val exact match of the student"
+    )
+    s.add_argument("--teacher-em", type=float, default=0.97, help="early-stop val exact match")
 
     args = parser.parse_args(argv)
     try:

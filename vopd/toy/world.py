@@ -11,6 +11,7 @@ by ``write_world`` (``python -m vopd.toy world --out resources/toy``):
 
     prompts/train.parquet        OPD training prompts             (train spec, 3 terms)
     prompts/val.parquet          SFT checkpoint selection only    (train spec)
+    (SFT examples: drawn fresh from ``sft_terms``, default 2, 3 and 4 terms)
     benchmarks/toy_test.parquet  held-out, in distribution        (train spec)
     benchmarks/toy_hard.parquet  held-out, longer chains          (hard spec, 4 terms)
     tokenizer/                   save_pretrained character tokenizer
@@ -166,7 +167,7 @@ class WorldSpec:
     n_hard: int = 500
     train: ProblemSpec = ProblemSpec(n_terms=3)
     hard: ProblemSpec = ProblemSpec(n_terms=4)
-    sft_terms: tuple[int, ...] = (2, 3, 4)  # SFT mixture (train digits/ops), uniform over terms
+    sft_terms: tuple[int, ...] = (2, 3, 4)  # SFT mixture (train digits/ops), uniform
 
     def __post_init__(self):
         for name in ("n_train", "n_val", "n_test", "n_hard"):

@@ -47,13 +47,10 @@ def check_config(cfg):
     elif train["prompts"] is None:
         config_error("train.prompts", None, "a prompt set name (e.g. dapo14k) when scale is hub")
     check_steps("eval.steps", ev["steps"])
-    for block in ("variance", "profile"):
-        if cfg[block]["activate"]:
-            required = ("runs", "steps", "k") if block == "variance" else ("vocab", "seq_len")
-            for key in required:
-                if key not in cfg[block]:
-                    config_error(f"{block}.{key}", None, f"a value when {block}.activate is true")
     if cfg["variance"]["activate"]:
+        for key in ("runs", "steps", "k"):
+            if key not in cfg["variance"]:
+                config_error(f"variance.{key}", None, "a value when variance.activate is true")
         check_steps("variance.steps", cfg["variance"]["steps"])
         for name in cfg["variance"]["runs"]:
             if name not in cfg["estimators"]:
@@ -75,6 +72,9 @@ EVAL_STEPS = sorted(config["eval"]["steps"])
 REFERENCES = list(config["eval"]["references"])
 VARIANCE = config["variance"]
 PROFILE = config["profile"]
+PROFILE_MODES = list(PROFILE.get("modes", {"loss": {}}))  # `snakemake profile` works when off
+PROFILE.setdefault("modes", {"loss": {"args": {}}})
+PROFILE.setdefault("args", {})
 TOY = config["toy"]["dir"]
 # Heavy (torch) jobs run with every core they are given; the default profile caps the
 # `cpu_heavy` resource at 1 so they run one at a time (two torch processes on 2 cores are
@@ -85,11 +85,19 @@ TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vo
 # ---- command-line helpers -------------------------------------------------------------------
 
 
+def torch_env(wildcards, threads):
+    """Environment of a torch job: its threads, and OpenMP threads that sleep while they wait.
+    With the default spin-waiting, a 2-thread job on a busy 2-core machine ran a toy training
+    step 3-10x slower than with 1 thread (measured here); passive waiting kept 2 threads as fast
+    as 1 under load, so a job can use every core without that risk."""
+    return f"OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE"
+
+
 def cli_flags(mapping):
     """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
     (the vopd CLIs take lists comma-separated)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
         flag = f"--{key.replace('_', '-')}"
         if value is None or value is False:
             continue
@@ -105,7 +113,7 @@ def cli_flags(mapping):
 def key_values(mapping):
     """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax)."""
     parts = []
-    for key, value in mapping.items():
+    for key, value in sorted(mapping.items()):
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
         parts.append(shlex.quote(f"{key}={text}"))
     return " ".join(parts)
@@ -198,6 +206,14 @@ def train_inputs(wildcards):
     }
 
 
+def train_launcher(wildcards, resources):
+    """`python -m`, or torchrun with one process per GPU when a profile sets the train rule's
+    `nproc` resource above 1 (profiles/slurm: the paper's 4 processes)."""
+    if resources.nproc > 1:
+        return f"torchrun --standalone --nproc-per-node {resources.nproc} -m"
+    return "python -m"
+
+
 def run_dir(wildcards, output):
     return os.path.dirname(output.done)
 
@@ -240,11 +256,11 @@ def run_sampling_flags(wildcards):
     """Each training seed samples its evaluation with its own (deterministic) seed."""
     settings = sampling(wildcards.benchmark)
     settings["seed"] = settings["seed"] + int(wildcards.seed)
-    return cli_flags(settings)
+    return cli_flags({**config["eval"]["args"], **settings})
 
 
 def reference_sampling_flags(wildcards):
-    return cli_flags(sampling(wildcards.benchmark))
+    return cli_flags({**config["eval"]["args"], **sampling(wildcards.benchmark)})
 
 
 def checkpoint_flags(wildcards, input):
@@ -273,13 +289,23 @@ def variance_flags(wildcards):
 
 
 def profile_flags(wildcards):
+    sweep = PROFILE["modes"][wildcards.mode]
     flags = {
-        "vocab": PROFILE["vocab"],
-        "seq_len": PROFILE["seq_len"],
-        "batch": PROFILE.get("batch"),
+        "mode": wildcards.mode,
+        "vocab": sweep.get("vocab"),
+        "seq_len": sweep.get("seq_len"),
+        "batch": sweep.get("batch"),
         "estimators": PROFILE.get("estimators", ESTIMATORS),
     }
-    return cli_flags({**flags, **PROFILE.get("args", {})})
+    return cli_flags({**flags, **PROFILE["args"], **sweep["args"]})
+
+
+def profile_files(experiment):
+    return expand(
+        "results/{experiment}/profile/{mode}.parquet",
+        experiment=experiment,
+        mode=PROFILE_MODES,
+    )
 
 
 # ---- file lists -----------------------------------------------------------------------------
@@ -331,7 +357,7 @@ def aggregate_inputs(wildcards):
         return reference_summaries()
     if wildcards.kind == "variance":
         return run_path("done.json") + variance_probes()
-    return [f"results/{wildcards.experiment}/profile/profile.parquet"]
+    return profile_files(wildcards.experiment)
 
 
 def results_dir(wildcards):

@@ -42,11 +42,12 @@ rule toy_sft:
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         world=toy_world_dir,
         out=toy_models_dir,
         flags=toy_sft_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.toy sft --world {params.world}"
+        "{params.torch_env} python -m vopd.toy sft --world {params.world}"
         " --out {params.out} {params.flags} > {log} 2>&1"
 
 

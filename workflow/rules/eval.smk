@@ -19,10 +19,11 @@ rule generate:
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         model=checkpoint_flags,
         sampling=run_sampling_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.eval.generate {params.model}"
+        "{params.torch_env} python -m vopd.eval.generate {params.model}"
         " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
 
 
@@ -64,10 +65,11 @@ rule generate_reference:
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         model=reference_flags,
         sampling=reference_sampling_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.eval.generate {params.model}"
+        "{params.torch_env} python -m vopd.eval.generate {params.model}"
         " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
 
 

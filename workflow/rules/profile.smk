@@ -3,20 +3,21 @@
 
 
 rule cost_profile:
-    """Per-estimator step time and peak memory over the configured V x T sweep."""
+    """Per-estimator step time and peak memory over the configured V x T sweep of one mode."""
     output:
-        profile="results/{experiment}/profile/profile.parquet",
+        profile="results/{experiment}/profile/{mode}.parquet",
     log:
-        "results/{experiment}/profile/logs/profile.log",
+        "results/{experiment}/profile/logs/{mode}.log",
     benchmark:
-        "results/{experiment}/profile/benchmark/profile.tsv"
+        "results/{experiment}/profile/benchmark/{mode}.tsv"
     conda:
         TORCH_ENV
     threads: workflow.cores
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         flags=profile_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.profile --out {output.profile} {params.flags}"
+        "{params.torch_env} python -m vopd.profile --out {output.profile} {params.flags}"
         " > {log} 2>&1"

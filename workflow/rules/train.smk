@@ -19,9 +19,12 @@ rule train:
     threads: workflow.cores
     resources:
         cpu_heavy=1,
+        nproc=1,
     params:
+        torch_env=torch_env,
+        launch=train_launcher,
         run_dir=run_dir,
         overrides=train_overrides,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.train --config {input.config}"
-        " --out {params.run_dir} {params.overrides} >> {log} 2>&1"
+        "{params.torch_env} {params.launch} vopd.train --config {input.config}"
+        " --out {params.run_dir} {params.overrides} > {log} 2>&1"

@@ -19,8 +19,9 @@ rule variance_probe:
     resources:
         cpu_heavy=1,
     params:
+        torch_env=torch_env,
         run_dir=run_dir_of_input,
         flags=variance_flags,
     shell:
-        "OMP_NUM_THREADS={threads} python -m vopd.variance --run-dir {params.run_dir}"
+        "{params.torch_env} python -m vopd.variance --run-dir {params.run_dir}"
         " --step {wildcards.step} --out {output.probes} {params.flags} > {log} 2>&1"

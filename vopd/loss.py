@@ -1,0 +1,120 @@
+"""The OPD loss on one rollout batch: one no-grad teacher forward and one student forward per
+micro-batch, the estimator on the completion positions only, backward.
+
+:func:`train_step` is the seam every scale shares (toy CPU, LoRA on GPUs, torchrun ranks): the
+summed loss is the estimator's loss on the whole *global* rollout batch (``normalize``:
+token_mean over all completion tokens, or seq_mean over sequences), whatever the micro-batch size
+and the number of processes (:mod:`vopd.distributed`). The no-grad diagnostics ``kl_mean``,
+``entropy`` and ``reward_mean`` are computed from the same logits with one definition for every
+estimator (``vopd.estimators.row_stats``: chunked, no [B,T,V] log-softmax is materialised).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from vopd import distributed as dist
+from vopd import is_correction, policy
+from vopd.batch import RolloutBatch, completion_logits
+from vopd.config import TrainConfig
+from vopd.estimators import ESTIMATORS, row_stats
+
+
+def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBatch, V: int):
+    """The estimator's loss on one (micro-)batch and its metrics, the no-grad diagnostics (KL,
+    entropy, reward, log p(y)) from the same logits, and the loss weights m' it used as its mask
+    (vopd.distributed.loss_weights: the normalisation times the optional IS weight)."""
+    with policy.autocast(cfg, batch.tokens_BT.device):
+        logits_BTV = completion_logits(student, batch, V)
+    B, T = batch.tokens_BT.shape
+    y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
+    st = row_stats(
+        logits_BTV.detach().reshape(-1, V),
+        teacher_logits_BTV.reshape(-1, V),
+        y_N,
+        kl=True,
+        entropy=True,
+    )
+    logp_BT = st["logp_y"].view(B, T)
+    w_B = is_correction.step_weights(
+        cfg.estimator, cfg.is_correction, logp_BT, batch.sampler_logp_BT, batch.mask_BT,
+        cap=cfg.is_cap,
+    )  # fmt: skip
+    weights_BT = dist.loss_weights(batch.mask_BT, cfg.normalize, w_B)
+    options = {**cfg.estimator_options(), "normalize": "token_mean"}
+    loss, metrics = ESTIMATORS[cfg.estimator](
+        logits_BTV, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
+    )
+    m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
+    sums = {
+        "kl_mean": float((st["kl"] * m_N).sum()),
+        "entropy": float((st["entropy"] * m_N).sum()),
+        "reward_mean": float(((st["logq_y"] - st["logp_y"]) * m_N).sum()),
+    }
+    return loss, metrics, sums, weights_BT, logp_BT
+
+
+def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, sync) -> dict:
+    """Forward/backward over micro-batches (and ranks); the summed loss is the estimator's loss on
+    the whole global batch: each micro-batch's token-mean loss is scaled by Σm'/D, with D the
+    token count (token_mean) or non-empty sequence count (seq_mean) summed over all ranks
+    (vopd.distributed). Gradients are summed over ranks once, at the end."""
+    B = batch.tokens_BT.shape[0]
+    micro = cfg.micro_batch_size or B
+    device = batch.tokens_BT.device
+    denom = dist.global_sum(dist.local_denominator(batch.mask_BT, cfg.normalize), device)
+    n_tok = max(dist.global_sum(float(batch.mask_BT.sum()), device), 1.0)
+    out = {"loss": 0.0, "time_teacher_s": 0.0, "time_update_s": 0.0}
+    sums = {"kl_mean": 0.0, "entropy": 0.0, "reward_mean": 0.0}
+    parts, logp_parts = [], []
+    for a in range(0, B, micro):
+        mb = batch.rows(slice(a, a + micro))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            teacher_logits_BTV = completion_logits(teacher, mb, V)
+        sync()
+        t1 = time.perf_counter()
+        loss, metrics, mb_sums, weights_BT, logp_BT = compute_loss(
+            cfg, student, teacher_logits_BTV, mb, V
+        )
+        scale = dist.loss_scale(weights_BT, denom)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
+        (loss * scale).backward()
+        sync()
+        out["time_teacher_s"] += t1 - t0
+        out["time_update_s"] += time.perf_counter() - t1
+        out["loss"] += float(loss.detach()) * float(scale)
+        for k, v in mb_sums.items():
+            sums[k] += v
+        parts.append((float(mb.mask_BT.sum()), metrics))
+        logp_parts.append(logp_BT)
+    dist.all_reduce_grads(student.parameters())
+    out["loss"] = dist.global_sum(out["loss"], device)
+    local = _merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
+    if batch.sampler_logp_BT is not None:  # the train/inference mismatch (vopd.is_correction)
+        local |= is_correction.mismatch_metrics(
+            torch.cat(logp_parts), batch.sampler_logp_BT, batch.mask_BT, cap=cfg.is_cap
+        )
+    out.update(dist.reduce_metrics(local, float(batch.mask_BT.sum()), device))
+    # kl_mean / entropy / reward_mean: one definition for every estimator, over all ranks
+    out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
+    return out
+
+
+def _merge_metrics(parts: list[tuple[float, dict]]) -> dict:
+    """Token-weighted means of per-micro-batch metrics; ``x_std`` pooled with ``x_mean``."""
+    total = sum(w for w, _ in parts) or 1.0
+    merged = {}
+    for key in parts[0][1]:
+        if key.endswith("_std"):
+            mean_key = key[:-4] + "_mean"
+            mean = sum(w * m[mean_key] for w, m in parts) / total
+            second = sum(w * (m[key] ** 2 + m[mean_key] ** 2) for w, m in parts) / total
+            merged[key] = math.sqrt(max(second - mean**2, 0.0))
+        else:
+            merged[key] = sum(w * m[key] for w, m in parts) / total
+    return merged
