@@ -85,12 +85,13 @@ def position_variance(
         V(b) = S_2 − 2b S_1 + b² S_0 − ‖μ‖²,  b* = S_1 / S_0,  V(b) − V(b*) = S_0 (b − b*)².
 
     Returns ``{name: V(b_name)}`` for each baseline given, plus ``b_star``, ``irreducible``
-    (= V(b*)) and ``zero`` (= V(0), ``sample_opd``'s). A one-hot p has S_0 = 0 and g ≡ 0: V = 0."""
+    (= V(b*)), ``zero`` (= V(0), ``sample_opd``'s) and ``signal`` (= ‖μ‖² = ‖∇_z KL‖²). A
+    one-hot p has S_0 = 0 and g ≡ 0: V = 0."""
     N, V = student_NV.shape
     rows = chunk_rows or max(1, (1 << 21) // V)
     D = torch.float64
     out = {k: torch.empty(N, dtype=D, device=student_NV.device) for k in baselines_N}
-    for k in ("b_star", "irreducible", "zero"):
+    for k in ("b_star", "irreducible", "zero", "signal"):
         out[k] = torch.empty(N, dtype=D, device=student_NV.device)
     for a in range(0, N, rows):
         sl = slice(a, a + rows)
@@ -106,6 +107,7 @@ def position_variance(
         live = s0 > 1e-300
         b_star = torch.where(live, s1 / s0.clamp_min(1e-300), -kl[:, 0])
         out["b_star"][sl] = b_star
+        out["signal"][sl] = mu2
 
         sums = (s0, s1, s2, mu2, live)
         out["irreducible"][sl] = _quadratic_variance(b_star, *sums)
@@ -169,6 +171,8 @@ class ExactPositionMoments:
     - ``irreducible_variance``: V(b*), what no per-position baseline removes;
     - ``removed_fraction``: (V(0) − V(b_e)) / (V(0) − V(b*)), the share of the removable variance
       that the estimator's baseline removes (1 for ``opt_baseline``, 0 for ``sample_opd``);
+    - ``exact_position_signal``: ‖∇_z KL‖², the squared norm of the exact per-position gradient
+      the unbiased estimators target (the scale for the variances and the bias);
     - ``exact_position_bias_sqnorm`` (``topk_opd`` only): ‖E_y g − ∇_z KL‖², its exact bias."""
 
     def __init__(self, estimators: list[str], *, top_k: int):
@@ -181,7 +185,7 @@ class ExactPositionMoments:
         w = weights_N.detach().to(device=student_NV.device, dtype=torch.float64)
         base = estimator_baselines(student_NV, teacher_NV, top_k=self.top_k)
         var = position_variance(student_NV, teacher_NV, {e: base[e] for e in self.pg})
-        terms = {k: var[k] for k in (*self.pg, "irreducible", "zero")}
+        terms = {k: var[k] for k in (*self.pg, "irreducible", "zero", "signal")}
         if "topk_opd" in self.estimators:
             terms["topk_bias"] = topk_bias_sqnorm(student_NV, teacher_NV, self.top_k)
         for k, v in terms.items():
@@ -205,6 +209,8 @@ class ExactPositionMoments:
         for e in self.estimators:
             if e in EXACT_ESTIMATORS:
                 out[e] = {"exact_position_variance": 0.0}
+        for e in out:
+            out[e]["exact_position_signal"] = mean["signal"]
         if "topk_opd" in self.estimators:
             out["topk_opd"]["exact_position_bias_sqnorm"] = mean["topk_bias"]
         return out

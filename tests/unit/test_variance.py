@@ -56,6 +56,9 @@ def test_position_variance_matches_enumeration_for_any_baseline():
     for n in range(5):
         assert out["b"][n].item() == pytest.approx(_enumerated_variance(s[n], t[n], bs[n]), 1e-10)
         assert out["zero"][n].item() == pytest.approx(_enumerated_variance(s[n], t[n], 0.0), 1e-10)
+        lp, lq = s[n].log_softmax(-1), t[n].log_softmax(-1)
+        grad_kl = lp.exp() * (lp - lq - (lp.exp() * (lp - lq)).sum())  # ∇_z KL, by hand
+        assert out["signal"][n].item() == pytest.approx(float(grad_kl @ grad_kl), rel=1e-10)
         # b* minimises the enumerated variance: a quadratic in b, so check both sides.
         b_star = out["b_star"][n].item()
         v_star = _enumerated_variance(s[n], t[n], b_star)
