@@ -24,9 +24,10 @@ Modes:
 
 Each variant runs in a fresh Python process, so one variant's allocator state cannot leak into the
 next, and a variant that fails (e.g. out of memory) is recorded with ``status`` and the sweep goes
-on. On CPU the peak is the process's peak RSS (``ru_maxrss``, interpreter and torch included:
-``base_bytes`` is the RSS before the inputs existed) with glibc's mmap threshold pinned
-(``MALLOC_MMAP_THRESHOLD_``) so freed buffers return to the OS; on CUDA it is
+on. On CPU the peak is the process's peak RSS (``VmHWM``, reset once the inputs exist, so it is the
+peak during the steps; interpreter and torch included: ``base_bytes`` is the RSS before the inputs
+existed) with glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed buffers return
+to the OS; on CUDA it is
 ``torch.cuda.max_memory_allocated`` after a synchronize. ``above_inputs_bytes`` subtracts what the
 process held once the inputs (and models) existed: what the step itself costs. Time: after one
 warm-up step, the best of ``--repeats`` timings, each the mean of enough back-to-back steps to
@@ -38,9 +39,9 @@ device`` (design.md results contract) and the extras above.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -100,6 +101,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    """Peak RSS of this process image (``VmHWM``). Not ``ru_maxrss``: after ``exec`` that one
+    keeps the peak of the process that forked us (the kernel folds the old image's high-water
+    mark into it), so a variant launched from a big parent (pytest, snakemake) would report the
+    parent's memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
+
+
+def _reset_hwm() -> None:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0: ``clear_refs`` 5); if the kernel
+    refuses, the peak stays the image's lifetime peak (imports included)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 class _Meter:
     """Current and peak memory of this process's device: RSS on CPU, the allocator on CUDA."""
 
@@ -115,11 +135,11 @@ class _Meter:
     def reset_peak(self) -> None:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_hwm()
 
     def peak(self) -> int:
-        if self.cuda:
-            return self.torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return self.torch.cuda.max_memory_allocated() if self.cuda else _hwm_bytes()
 
     def sync(self) -> None:
         if self.cuda:

@@ -46,7 +46,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from vopd import distributed as dist
+from vopd import policy
 from vopd.batch import RolloutBatch, completion_logits, make_batch
+from vopd.chat import chat_prompt
 from vopd.config import load_config
 from vopd.estimators import (
     ESTIMATOR_OPTIONS,
@@ -315,14 +318,17 @@ class GradientMoments:
 # numbers), one student and one teacher forward per (micro-)batch.
 
 
-def estimator_options(name: str, *, top_k: int, normalize: str) -> dict:
-    """Options each estimator gets in the probe: the run's ``top_k`` and ``normalize``;
-    ``sample_opd`` keeps its plain, detached, unclipped reward."""
-    opts = {"normalize": normalize}
-    return opts | ({"top_k": top_k} if "top_k" in ESTIMATOR_OPTIONS[name] else {})
+def estimator_options(name: str, *, top_k: int) -> dict:
+    """Options each estimator gets in the probe: the run's ``top_k``; ``sample_opd`` keeps its
+    plain, detached, unclipped reward. The normalisation is in the loss weights (as in
+    ``vopd.loss``), so every estimator is called with ``normalize="token_mean"``."""
+    return {"normalize": "token_mean"} | (
+        {"top_k": top_k} if "top_k" in ESTIMATOR_OPTIONS[name] else {}
+    )
 
 
 def batch_gradients(
+    cfg,
     student,
     teacher,
     batch: RolloutBatch,
@@ -331,31 +337,29 @@ def batch_gradients(
     V: int,
     *,
     top_k: int,
-    normalize: str,
-    micro_batch: int = 0,
     exact: ExactPositionMoments | None = None,
 ) -> dict[str, Tensor]:
-    """Flattened gradient of every estimator's loss on ``batch`` w.r.t. ``params``. Micro-batches
-    are weighted by their share of tokens (token_mean) or sequences (seq_mean), so the result is
-    the gradient of the loss on the whole batch, as in the trainer. Feeds ``exact`` the
-    completion positions' logits."""
+    """Flattened gradient of every estimator's loss on ``batch`` w.r.t. ``params``, built as the
+    trainer builds its loss (``vopd.loss.train_step``): per micro-batch the weights m' of
+    ``vopd.distributed.loss_weights`` (``cfg.normalize``; no IS weight: the hf sampler is the
+    exact policy) as the estimator's mask, the token-mean loss scaled by Σm'/D, the student
+    forward under ``policy.autocast``. One student forward serves every estimator. Feeds
+    ``exact`` the completion positions' logits."""
     B = batch.tokens_BT.shape[0]
-    micro = micro_batch or B
-    n_tok = batch.mask_BT.sum().clamp_min(1)
-    n_seq = (batch.mask_BT.sum(-1) > 0).sum().clamp_min(1)
+    micro = cfg.micro_batch_size or B
+    denom = dist.local_denominator(batch.mask_BT, cfg.normalize)
     grads = {e: [torch.zeros_like(p) for p in params] for e in estimators}
     for a in range(0, B, micro):
         mb = batch.rows(slice(a, a + micro))
         with torch.no_grad():
             q_BTV = completion_logits(teacher, mb, V)
-        s_BTV = completion_logits(student, mb, V)
-        if normalize == "token_mean":
-            scale = mb.mask_BT.sum() / n_tok
-        else:
-            scale = (mb.mask_BT.sum(-1) > 0).sum() / n_seq
+        with policy.autocast(cfg, mb.tokens_BT.device):
+            s_BTV = completion_logits(student, mb, V)
+        weights_BT = dist.loss_weights(mb.mask_BT, cfg.normalize)
+        scale = dist.loss_scale(weights_BT, denom)
         for i, e in enumerate(estimators):
-            opts = estimator_options(e, top_k=top_k, normalize=normalize)
-            loss, _ = ESTIMATORS[e](s_BTV, q_BTV, mb.tokens_BT, mb.mask_BT, **opts)
+            opts = estimator_options(e, top_k=top_k)
+            loss, _ = ESTIMATORS[e](s_BTV, q_BTV, mb.tokens_BT, weights_BT, **opts)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"estimator {e!r}: non-finite loss {float(loss)}")
             g = torch.autograd.grad(
@@ -375,6 +379,7 @@ def batch_gradients(
 
 
 def probe(
+    cfg,
     student,
     teacher,
     tokenizer,
@@ -382,18 +387,16 @@ def probe(
     *,
     estimators: list[str],
     seeds: list[int],
-    sampling: dict,
     top_k: int,
-    normalize: str = "token_mean",
     V: int,
-    micro_batch: int = 0,
     exact: bool = True,
-    rollout_batch_size: int = 64,
     progress: bool = True,
 ) -> dict:
-    """Run both probes; return ``{"param": {estimator: {probe: value}}, "exact": {...}, ...}``.
+    """Run both probes for the run config ``cfg`` (vopd.config.TrainConfig: sampling, loss
+    normalisation, micro-batch); return ``{"param": {estimator: {probe: value}}, "exact": ...}``.
     Batch j's rollouts are drawn with sampler seed ``seeds[j]``: the same K batches for every
-    estimator (common random numbers)."""
+    estimator (common random numbers). Rollouts always come from the in-process hf sampler: the
+    exact training policy, whatever engine the run used."""
     k = len(seeds)
     if k < 2:
         raise ValueError(f"{k} sampler seeds: expected at least 2 rollout batches for a variance")
@@ -403,27 +406,27 @@ def probe(
     ref = REF_MEAN if REF_MEAN in estimators else None
     moments = GradientMoments(ref=ref)
     acc = ExactPositionMoments(estimators, top_k=top_k) if exact else None
-    backend = get_backend("hf", model=student, tokenizer=tokenizer, batch_size=rollout_batch_size)
+    backend = get_backend(
+        "hf", model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
+    )
+    sampling = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.sampling_top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        n=cfg.samples_per_prompt,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(student.parameters()).device
     positions = 0
     times = {"rollout_s": 0.0, "gradients_s": 0.0}
     for sseed in tqdm(seeds, desc="variance batches", file=sys.stderr, disable=not progress):
         t0 = time.perf_counter()
-        rollouts = backend.generate(prompts, SamplingParams(**sampling, seed=sseed))
+        rollouts = backend.generate(prompts, replace(sampling, seed=sseed))
         batch = make_batch(rollouts, pad_id, device)
         t1 = time.perf_counter()
         grads = batch_gradients(
-            student,
-            teacher,
-            batch,
-            estimators,
-            params,
-            V,
-            top_k=top_k,
-            normalize=normalize,
-            micro_batch=micro_batch,
-            exact=acc,
+            cfg, student, teacher, batch, estimators, params, V, top_k=top_k, exact=acc
         )
         moments.update(grads)
         positions += int((batch.mask_BT > 0).sum())
@@ -527,16 +530,15 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown or not names:
             raise ValueError(f"unknown estimator(s) {unknown}: expected {list(ESTIMATORS)} or all")
-        overrides = {
-            "seed": args.seed,
-            "top_k": args.top_k,
-            "device": args.device,
-            "micro_batch_size": args.micro_batch,
-        }
+        overrides = {"seed": args.seed, "device": args.device, "micro_batch_size": args.micro_batch}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         m = cfg.prompts_per_step if args.prompts is None else args.prompts
-        if args.k < 2 or m < 1:
-            raise ValueError(f"--k {args.k} / --prompts {m}: expected k >= 2 and prompts >= 1")
+        top_k = cfg.top_k if args.top_k is None else args.top_k
+        if args.k < 2 or m < 1 or top_k < 1:
+            raise ValueError(
+                f"--k {args.k} / --prompts {m} / --top-k {top_k}: expected k >= 2, prompts >= 1 "
+                "and top_k >= 1"
+            )
         if (cfg.temperature, cfg.top_p, cfg.sampling_top_k) != (1.0, 1.0, -1):
             print(
                 "warning: the run does not sample from the student's own distribution "
@@ -544,42 +546,41 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
         all_prompts = train.load_prompts(cfg)
-        student, teacher, tokenizer, V = train.load_models(cfg, str(ckpt), train.pick_device(cfg))
+        # As the trainer resumes: a LoRA checkpoint is a trainable adapter on cfg.student.
+        lora = cfg.finetune == "lora"
+        student, teacher, tokenizer, V = train.load_models(
+            cfg,
+            cfg.student if lora else str(ckpt),
+            train.pick_device(cfg),
+            adapter=ckpt if lora else None,
+        )
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    top_k = min(cfg.top_k, V)
-    if cfg.top_k > V:
+    if top_k > V:
         print(
-            f"warning: top_k={cfg.top_k} > V={V}: capped at V (the top-k estimators then equal "
+            f"warning: top_k={top_k} > V={V}: capped at V (the top-k estimators then equal "
             "their full-vocabulary versions); pass --top-k",
             file=sys.stderr,
         )
+        top_k = V
     # The prompts the trainer draws at the step after this checkpoint (its seeded data order).
     prompts = [
         all_prompts[i] for i in train.prompt_indices(len(all_prompts), m, cfg.seed, args.step + 1)
     ]
-    sampling = {
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "top_k": cfg.sampling_top_k,
-        "max_new_tokens": cfg.max_new_tokens,
-        "n": cfg.samples_per_prompt,
-    }
+    if cfg.chat_template:
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
     t0 = time.perf_counter()
     result = probe(
+        cfg,
         student,
         teacher,
         tokenizer,
         prompts,
         estimators=names,
         seeds=probe_seeds(cfg.seed, args.step, args.k),
-        sampling=sampling,
         top_k=top_k,
-        normalize=cfg.normalize,
         V=V,
-        micro_batch=cfg.micro_batch_size,
         exact=not args.no_exact,
-        rollout_batch_size=cfg.rollout_batch_size,
     )
     result["adam_proxy"] = adam_proxy_at(run_dir, args.step, cfg.estimator)
     experiment = args.experiment or run_dir.resolve().parent.parent.name

@@ -102,3 +102,42 @@ def test_bad_input_fails_before_work(run_dir, args, message):
 def test_missing_run_config(tmp_path):
     with pytest.raises(SystemExit, match=r"config\.yaml does not exist"):
         main(["--run-dir", str(tmp_path), "--step", "0", "--out", str(tmp_path / "o.parquet")])
+
+
+def test_lora_checkpoint_probes_only_the_adapter(tmp_path, tiny_models, tiny_world, capsys):
+    """A LoRA run's checkpoint is an adapter on cfg.student: the probe differentiates the adapter
+    (as the trainer trains it), not the frozen base."""
+    from vopd import checkpoint as ckpt
+    from vopd import policy
+    from vopd.config import TrainConfig
+    from vopd.models import load_model, load_tokenizer
+
+    run = tmp_path / "results" / "lora_exp" / "vopd" / "seed0"
+    raw = {
+        "student": str(tiny_models["student"]),
+        "teacher": str(tiny_models["teacher"]),
+        "prompts": str(tiny_world / "prompts" / "train.parquet"),
+        "finetune": "lora",
+        "lora_r": 2,
+        "lora_alpha": 4.0,
+        "lora_targets": "q_proj,v_proj",
+        "top_k": 4,
+        "prompts_per_step": 4,
+        "max_new_tokens": 5,
+        "seed": 0,
+    }
+    cfg = TrainConfig.from_dict(raw)
+    model = policy.prepare_student(cfg, load_model(cfg.student))
+    ckpt.save_checkpoint(run, 0, model, load_tokenizer(cfg.student))
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    out = run / "variance" / "step0.parquet"
+    main(["--run-dir", str(run), "--step", "0", "--out", str(out), "--k", "2",
+          "--estimators", "sample_opd,vopd,full_opd", "--no-exact"])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["params"] == n_lora < n_all
+    df = pd.read_parquet(out)
+    assert set(df.experiment) == {"lora_exp"}
+    tv = df[df.probe == "total_variance"].set_index("estimator").value
+    assert (tv > 0).all() and set(tv.index) == {"sample_opd", "vopd", "full_opd"}
