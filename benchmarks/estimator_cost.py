@@ -44,6 +44,9 @@ def main() -> None:
         )
         for n in tqdm(names, desc="estimators", file=sys.stderr)
     ]
+    failed = [r for r in rows if r.get("status", "ok") != "ok"]
+    if failed:  # measure_isolated records a failed variant instead of raising
+        raise SystemExit(f"variants failed: {failed}")
     print(format_table(rows))
     r = {row["estimator"]: row for row in rows}
     ratios = {
