@@ -91,10 +91,11 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0, help="init and data seed")
     s.add_argument("--eval-every", type=int, default=20, help="steps between val evaluations")
     s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
-    s.add_argument(
-        "--student-em", type=float, default=0.55, help="target val exact match of the student"
-    )
-    s.add_argument("--teacher-em", type=float, default=0.97, help="early-stop val exact match")
+    # --student-acc / --teacher-acc: the flags' first names, still accepted
+    s.add_argument("--student-em", "--student-acc", dest="student_em", type=float, default=0.55,
+                   help="target val exact match of the student")  # fmt: skip
+    s.add_argument("--teacher-em", "--teacher-acc", dest="teacher_em", type=float, default=0.97,
+                   help="early-stop val exact match")  # fmt: skip
 
     args = parser.parse_args(argv)
     try:

@@ -76,9 +76,8 @@ PROFILE_MODES = list(PROFILE.get("modes", {"loss": {}}))  # `snakemake profile` 
 PROFILE.setdefault("modes", {"loss": {"args": {}}})
 PROFILE.setdefault("args", {})
 TOY = config["toy"]["dir"]
-# Heavy (torch) jobs run with every core they are given; the default profile caps the
-# `cpu_heavy` resource at 1 so they run one at a time (two torch processes on 2 cores are
-# 5-10x slower than one after the other).
+# Torch jobs (threads = every core, resource cpu_heavy = 1, capped at 1 by profiles/default, so
+# they run one after the other) use the CPU stack at scale toy and the GPU stack at scale hub.
 TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vopd-gpu.yaml"
 
 
