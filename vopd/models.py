@@ -1,10 +1,8 @@
 """Loading student and teacher: any causal LM by local directory or hub id, via the Auto classes.
 
 The toy models (``python -m vopd.toy sft``) are saved with ``save_pretrained`` and load through
-exactly this path, like hub models. ``check_vocab`` is the student/teacher tokenizer check: the
-two tokenizers must map every token to the same id; the models' logit rows may be padded past
-the tokenizer (e.g. 151,936 vs 152,064 rows inside one family), and the shared vocabulary is the
-smaller row count.
+exactly this path, like hub models. The student/teacher vocabulary check lives in
+:mod:`vopd.vocab`.
 """
 
 from __future__ import annotations
@@ -54,34 +52,3 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | torch
         resolve_model_path(name_or_path), dtype=DTYPES[dtype]
     )
     return model.to(device)
-
-
-def vocab_rows(model) -> int:
-    """Number of logit rows the model produces (its output-embedding size)."""
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def check_vocab(student_tok, teacher_tok, student_model=None, teacher_model=None) -> int:
-    """Raise ValueError unless student and teacher share one vocabulary; return the number of
-    logit rows both can be sliced to (the smaller row count, which must cover the tokenizer)."""
-    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if vs != vt:
-        only_s = sorted(set(vs) - set(vt))[:5]
-        only_t = sorted(set(vt) - set(vs))[:5]
-        moved = sorted(k for k in set(vs) & set(vt) if vs[k] != vt[k])[:5]
-        raise ValueError(
-            f"student and teacher vocabularies differ (student {len(vs)} tokens, teacher "
-            f"{len(vt)}): only in student {only_s}, only in teacher {only_t}, different ids "
-            f"{moved}. On-policy distillation needs one shared tokenizer."
-        )
-    if student_model is None or teacher_model is None:
-        return len(vs)
-    rows_s, rows_t = vocab_rows(student_model), vocab_rows(teacher_model)
-    needed = max(vs.values()) + 1
-    shared = min(rows_s, rows_t)
-    if shared < needed:
-        raise ValueError(
-            f"student has {rows_s} logit rows and teacher {rows_t}: both must cover the "
-            f"tokenizer's {needed} ids"
-        )
-    return shared

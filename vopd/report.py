@@ -107,6 +107,11 @@ def fmt_num(x: float) -> str:
     return f"{x:.3g}"
 
 
+def fmt_mib(nbytes: float) -> str:
+    mib = nbytes / 2**20
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.3g}"
+
+
 def fmt_stats(s: dict) -> str:
     """'0.712 ± 0.031 [0.680, 0.740]' (one seed: the value alone)."""
     if s["n_seeds"] == 1:
@@ -401,8 +406,8 @@ def cost_summary(prof: pd.DataFrame, reference_estimator="sample_opd") -> pd.Dat
     if "status" in prof.columns:  # variants that failed (e.g. out of memory) have no numbers
         prof = prof[prof["status"].fillna("ok") == "ok"]
     prof = prof[np.isfinite(prof["step_s"]) & np.isfinite(prof["peak_mem_bytes"])]
-    skip = ("estimator", "device", "status")
-    extra = [c for c in prof.columns if prof[c].dtype == object and c not in skip]
+    # settings that make two rows different measurements (python -m vopd.profile's extras)
+    extra = [c for c in ("mode", "dtype") if c in prof.columns]
     keys = ["device", *extra, "vocab_size", "seq_len", "batch"]
     agg = prof.groupby([*keys, "estimator"], as_index=False).agg(
         step_s=("step_s", "min"), peak_mem_bytes=("peak_mem_bytes", "max")
@@ -439,7 +444,7 @@ def cost_table(prof, reference_estimator="sample_opd"):
                 r = r.iloc[0]
                 cells.append(
                     f"{fmt_num(r.step_s)} s ({fmt_num(r.time_ratio)}x), "
-                    f"{fmt_num(r.peak_mem_bytes / 2**20)} MiB ({fmt_num(r.mem_ratio)}x)"
+                    f"{fmt_mib(r.peak_mem_bytes)} MiB ({fmt_num(r.mem_ratio)}x)"
                 )
             rows.append(cells)
         md.append(f"**{title}**\n\n" + markdown_table(header, rows))

@@ -190,7 +190,7 @@ def test_cost_table_best_time_and_ratios():
     assert got.loc["sample_opd", "step_s"] == 0.10
     assert got.loc["full_opd", "time_ratio"] == pytest.approx(3.0)
     assert got.loc["vopd", "mem_ratio"] == pytest.approx(1.5)
-    assert "| full_opd | 0.300 s (3.000x), 3.000 MiB (3.000x) |" in md
+    assert "| full_opd | 0.300 s (3.000x), 3 MiB (3.000x) |" in md
 
 
 # ---- CLI: files on disk -----------------------------------------------------------------------
