@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     s.add_argument("--seed", type=int, default=0, help="init and data seed")
-    s.add_argument("--eval-every", type=int, default=20, help="steps between val evaluations")
+    s.add_argument("--eval-every", type=int, default=10, help="steps between val evaluations")
     s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
     # --student-acc / --teacher-acc: the flags' first names, still accepted
     s.add_argument("--student-em", "--student-acc", dest="student_em", type=float, default=0.55,

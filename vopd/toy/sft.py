@@ -146,7 +146,7 @@ def run_sft(
     lr: float = 3e-3,
     warmup: int = 50,
     seed: int = 0,
-    eval_every: int = 20,
+    eval_every: int = 10,
     eval_size: int = 256,
     student_em: float = 0.55,
     teacher_em: float = 0.97,

@@ -76,9 +76,21 @@ PROFILE_MODES = list(PROFILE.get("modes", {"loss": {}}))  # `snakemake profile` 
 PROFILE.setdefault("modes", {"loss": {"args": {}}})
 PROFILE.setdefault("args", {})
 TOY = config["toy"]["dir"]
-# Torch jobs (threads = every core, resource cpu_heavy = 1, capped at 1 by profiles/default, so
-# they run one after the other) use the CPU stack at scale toy and the GPU stack at scale hub.
-TORCH_ENV = "../envs/vopd-cpu.yaml" if config["scale"] == "toy" else "../envs/vopd-gpu.yaml"
+# ---- threads -------------------------------------------------------------------------------
+# Measured on 2 idle cores (torch 2.13 CPU wheel): a toy OPD run of 60 steps took 27.1 s with 1
+# thread and 35.6 s with 2, and two 1-thread runs side by side took 26.8 s for both (twice the
+# throughput). The 0.5M-parameter toy model cannot use a second thread; two processes that each
+# spin 2 threads on 2 cores are what made jobs 5-10x slower. So toy-model jobs (distillation,
+# generation, variance probes) declare 1 thread and run side by side, one per core. Toy SFT
+# (batch 128) gains from 2 threads (80 steps: 27 s vs 38 s) and declares 2, which also pins its
+# numerics: the same toy models on every machine. The cost profile declares every core, so no job
+# runs beside its timings. At hub scale every torch job declares every core: one at a time on a
+# local GPU machine; profiles/slurm turns threads into cpus-per-task.
+# Torch jobs use the CPU stack at scale toy and the GPU stack at scale hub.
+HUB = config["scale"] == "hub"
+TOY_MODEL_THREADS = workflow.cores if HUB else 1
+SFT_THREADS = 2
+TORCH_ENV = "../envs/vopd-gpu.yaml" if HUB else "../envs/vopd-cpu.yaml"
 
 
 # ---- command-line helpers -------------------------------------------------------------------

@@ -38,9 +38,7 @@ rule toy_sft:
         f"{TOY}/benchmark/sft.tsv"
     conda:
         "../envs/vopd-cpu.yaml"
-    threads: workflow.cores
-    resources:
-        cpu_heavy=1,
+    threads: SFT_THREADS
     params:
         torch_env=torch_env,
         world=toy_world_dir,

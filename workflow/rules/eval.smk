@@ -15,9 +15,7 @@ rule generate:
         "results/{experiment}/{estimator}/seed{seed}/benchmark/generate_{benchmark}_step{step}.tsv"
     conda:
         TORCH_ENV
-    threads: workflow.cores
-    resources:
-        cpu_heavy=1,
+    threads: TOY_MODEL_THREADS
     params:
         torch_env=torch_env,
         model=checkpoint_flags,
@@ -61,9 +59,7 @@ rule generate_reference:
         "results/{experiment}/reference/{model}/benchmark/generate_{benchmark}.tsv"
     conda:
         TORCH_ENV
-    threads: workflow.cores
-    resources:
-        cpu_heavy=1,
+    threads: TOY_MODEL_THREADS
     params:
         torch_env=torch_env,
         model=reference_flags,

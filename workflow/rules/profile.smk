@@ -13,8 +13,6 @@ rule cost_profile:
     conda:
         TORCH_ENV
     threads: workflow.cores
-    resources:
-        cpu_heavy=1,
     params:
         torch_env=torch_env,
         flags=profile_flags,

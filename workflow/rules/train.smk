@@ -16,9 +16,8 @@ rule train:
         "results/{experiment}/{estimator}/seed{seed}/benchmark/train.tsv"
     conda:
         TORCH_ENV
-    threads: workflow.cores
+    threads: TOY_MODEL_THREADS
     resources:
-        cpu_heavy=1,
         nproc=1,
     params:
         torch_env=torch_env,

@@ -15,9 +15,7 @@ rule variance_probe:
         "results/{experiment}/{estimator}/seed{seed}/benchmark/variance_step{step}.tsv"
     conda:
         TORCH_ENV
-    threads: workflow.cores
-    resources:
-        cpu_heavy=1,
+    threads: TOY_MODEL_THREADS
     params:
         torch_env=torch_env,
         run_dir=run_dir_of_input,
