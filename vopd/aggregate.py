@@ -17,7 +17,7 @@ Reads files only (it never imports torch) and writes, atomically, under ``--resu
   ``metrics.jsonl``; ``estimator = run_estimator``).
 - ``profile.parquet``: ``estimator, vocab_size, seq_len, batch, step_s, peak_mem_bytes, device``
   (+ whatever else ``python -m vopd.profile`` wrote), from ``profile/*.parquet``.
-- ``references.parquet``: ``experiment, model, benchmark, metric, value`` of the untrained
+- ``references.parquet``: ``experiment, model, benchmark, metric, value`` of the not-distilled
   models evaluated under ``reference/{model}/eval/{benchmark}/summary.json``.
 
 A run directory is ``{results-dir}/{estimator}/seed{seed}/``; only complete runs (``done.json``

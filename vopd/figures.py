@@ -3,7 +3,8 @@
     python -m vopd.report --results-dir results/toy --what figures [--only accuracy]
 
 - ``accuracy``: the headline metric per estimator, one panel per benchmark; bar = mean over
-  seeds, error bar = 95% bootstrap CI of that mean, dots = seeds, dashed = untrained models.
+  seeds, error bar = 95% bootstrap CI of that mean, dots = seeds, dotted / dashed = the student
+  before OPD / the teacher.
 - ``training_curves``: KL to the teacher, gradient norm, response length and entropy against the
   step; line = mean over seeds of a rolling mean, band = ± one std over seeds.
 - ``variance_ratio``: probe total variance / the reference estimator's at the same checkpoint
@@ -26,6 +27,7 @@ import numpy as np
 from vopd.io import atomic_path
 from vopd.report import (
     ESTIMATOR_ORDER,
+    REFERENCE_LABEL,
     cost_summary,
     estimator_order,
     load,
@@ -96,7 +98,7 @@ def accuracy(results_dir: Path, args):
                         color="gray",
                         ls=style,
                         lw=1,
-                        label=f"{model} (untrained)",
+                        label=REFERENCE_LABEL.get(model, model),
                     )
                     ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(ests)), ests, rotation=35, ha="right", fontsize=8)

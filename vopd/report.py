@@ -40,6 +40,8 @@ from vopd.io import write_text
 # The order of vopd.estimators.ESTIMATORS (not imported: this module never imports torch).
 ESTIMATOR_ORDER = ("sample_opd", "vopd", "vopd_topk", "full_opd", "topk_opd", "opt_baseline")
 TABLES = ("accuracy", "training", "variance", "cost")
+# How the reference rows (models evaluated without OPD) are labelled in tables and figures.
+REFERENCE_LABEL = {"student": "student (before OPD)", "teacher": "teacher"}
 FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost")
 TRAINING_METRICS = ("kl_mean", "reward_mean", "entropy", "response_len", "grad_norm", "step_s")
 # The probes the Markdown variance table shows (variance.csv has all of them): ratios to the
@@ -211,7 +213,7 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
         md_rows.append(cells)
     if references is not None and not references.empty:
         for model in sorted(references["model"].unique()):
-            cells, vals = [f"*{model} (untrained)*"], []
+            cells, vals = [f"*{REFERENCE_LABEL.get(model, model)}*"], []
             for bench in benches:
                 sel = references[
                     (references["model"] == model)

@@ -128,7 +128,7 @@ def test_accuracy_table_by_hand():
     assert row("reference:teacher", "toy_hard")["mean"] == 0.8
     assert "| vopd | 0.400 ± 0.141 [0.300, 0.500] | 0.700 ± 0.000 [0.700, 0.700] |" in md
     assert "(2/2 seeds > 0)" in md
-    assert "*teacher (untrained)* | 0.800 | 0.900 | 0.850 |" in md  # toy_hard, toy_test, mean
+    assert "*teacher* | 0.800 | 0.900 | 0.850 |" in md  # toy_hard, toy_test, mean
 
 
 def test_training_table_final_window_max_and_mean():

@@ -47,7 +47,7 @@ rule grade:
 
 
 rule generate_reference:
-    """Samples of an untrained model (the student before distillation, or the teacher)."""
+    """Samples of a model that was not distilled (the student before distillation, or the teacher)."""
     input:
         unpack(model_inputs),
         benchmark=benchmark_file,
