@@ -44,6 +44,43 @@ def _gen(model, bench, out, *extra):
     )
 
 
+def test_several_benchmarks_in_one_call_equal_one_call_each(toy, tmp_path, capsys):
+    # one model load for two benchmarks, each with its own limit and seed (--set): the samples
+    # equal two single-benchmark calls with those settings
+    model, bench = toy
+    other = tmp_path / "other.parquet"
+    pd.read_parquet(bench).iloc[::-1].to_parquet(other, index=False)  # another problem order
+    a, b = tmp_path / "both" / "a.parquet", tmp_path / "both" / "b.parquet"
+    both = ["--benchmark", str(bench), str(other), "--out", str(a), str(b)]
+    settings = ["--max-new-tokens", "32", "--n", "2", "--limit", "6", "--seed", "1"]
+    generate.main(
+        ["--model", str(model), *both, *settings, "--set", "other.limit=4", "--set", "other.seed=9"]
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["num_problems"] for x in lines] == [6, 4]
+    _gen(model, bench, tmp_path / "a1.parquet", "--n", "2", "--limit", "6", "--seed", "1")
+    _gen(model, other, tmp_path / "b1.parquet", "--n", "2", "--limit", "4", "--seed", "9")
+    for both, single in ((a, "a1"), (b, "b1")):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(both), pd.read_parquet(tmp_path / f"{single}.parquet")
+        )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "nope.limit=3"], "NAME one of"),
+        (["--set", "toy_test.backend=3"], "KEY one of"),
+        (["--set", "toy_test.limit=x"], "is not a number"),
+        (["--out", "a.parquet", "b.parquet"], "one samples.parquet per benchmark"),
+    ],
+)
+def test_bad_per_benchmark_settings(toy, tmp_path, extra, message):
+    model, bench = toy
+    with pytest.raises(SystemExit, match=message):
+        _gen(model, bench, tmp_path / "x.parquet", *extra)
+
+
 def _independent_correct(text: str, problem: str) -> bool:
     found = re.findall(r"\\boxed\{(-?\d+)\}", text)
     return bool(found) and int(found[-1]) == true_sum(problem)

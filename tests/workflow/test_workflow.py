@@ -153,8 +153,12 @@ def bad_config(tmp_path, edit) -> Path:
         (lambda c: c["estimators"].update(vopd_topk={"top_k": 0}), "0 is less than the minimum"),
         (lambda c: c["eval"].update(steps=[70]), "config key 'eval.steps' = 70"),
         (lambda c: c["eval"]["benchmarks"].update(math500={}), "'eval.benchmarks.math500'"),
+        (
+            lambda c: c["eval"]["benchmarks"]["toy_hard"].update(sampling={"backend": "vllm"}),
+            "'eval.benchmarks.toy_hard.sampling.backend'",
+        ),
     ],
-    ids=["estimator", "key", "type", "option", "range", "step", "toy-benchmark"],
+    ids=["estimator", "key", "type", "option", "range", "step", "toy-benchmark", "backend"],
 )
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     proc = snakemake("-n", "--configfile", str(bad_config(tmp_path, edit)), check=False)

@@ -4,12 +4,15 @@
         --out RUN/eval/math500/step20/samples.parquet --backend vllm
     python -m vopd.eval.generate --model resources/toy/models/student --benchmark toy_test \\
         --out /tmp/toy/samples.parquet --n 4 --max-new-tokens 64
+    python -m vopd.eval.generate --model M --benchmark math500 gpqa_diamond \\
+        --out A/samples.parquet B/samples.parquet --set gpqa_diamond.n=16   # one model load
 
 Official settings (paper-notes §2, reference-semantics §3 "Generation"): n = 8, T = 0.6, no chat
 template (the benchmark's ``prompt`` column is the model input); math top_p 1.0, top_k off,
-4096 new tokens; MCQ top_p 0.95, top_k 20, 4096 new tokens. Each flag overrides its default.
-The official code sets no sampling seed; ``--seed`` (default 0) makes runs reproducible here.
-``--temperature 0`` is greedy decoding.
+4096 new tokens; MCQ top_p 0.95, top_k 20, 4096 new tokens. Each flag overrides its default;
+``--set NAME.KEY=VALUE`` overrides it for one of several benchmarks sampled in one call (the model
+loads once). The official code sets no sampling seed; ``--seed`` (default 0) makes runs
+reproducible here. ``--temperature 0`` is greedy decoding.
 
 Backends come from :func:`vopd.rollout.get_backend`: ``hf`` (transformers, CPU or GPU) and
 ``vllm`` (GPU; ``--lora`` is passed through for vLLM's LoRA support, rank 64 in the paper). With
@@ -197,13 +200,18 @@ def write_samples(rows: list[dict], out: Path, meta: dict) -> None:
 # CLI
 
 
+PER_BENCHMARK = ("limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m vopd.eval.generate", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--model", required=True, help="save_pretrained dir, adapter dir, or hub id")
-    ap.add_argument("--benchmark", required=True, help="benchmark name or .parquet path")
-    ap.add_argument("--out", required=True, help="samples.parquet to write")
+    ap.add_argument(
+        "--benchmark", required=True, nargs="+", help="benchmark names or .parquet paths"
+    )
+    ap.add_argument("--out", required=True, nargs="+", help="samples.parquet per benchmark")
     ap.add_argument("--n", type=int, help=f"samples per problem (default {DEFAULT_N})")
     ap.add_argument("--temperature", type=float, help=f"default {DEFAULT_TEMPERATURE}; 0 = greedy")
     ap.add_argument("--top-p", dest="top_p", type=float, help="default: math 1.0, MCQ 0.95")
@@ -213,6 +221,14 @@ def main(argv=None) -> None:
     ap.add_argument("--lora", help="PEFT LoRA adapter directory")
     ap.add_argument("--limit", type=int, help="only the first N problems")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help=f"one benchmark's own setting (KEY in {', '.join(PER_BENCHMARK)}), "
+        "e.g. toy_hard.limit=250; NAME is the benchmark's name or file stem",
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="hf: sequences per generate call")
     ap.add_argument("--device", help="hf: cpu / cuda (default: cuda if available)")
     ap.add_argument(
@@ -234,52 +250,95 @@ def main(argv=None) -> None:
     ap.add_argument("--resources", default="resources", help="root of prepared benchmarks")
     args = ap.parse_args(argv)
 
-    from vopd.data import canonical_name, load_benchmark
-
+    # Every benchmark and its settings are checked before the model loads; the model then
+    # loads once for all of them (one vLLM engine start per checkpoint, not per benchmark).
     try:
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit {args.limit}: expected >= 1")
-        bench = load_benchmark(args.benchmark, args.resources)
-        if args.limit:
-            bench = bench.head(args.limit)
-        kinds = sorted(set(bench["kind"]))
-        if len(kinds) != 1:
-            raise ValueError(f"benchmark mixes kinds {kinds}: split it by kind")
-        sampling = sampling_for(kinds[0], args)
-        from vopd.rollout import SamplingParams
-
-        SamplingParams(**sampling)  # validates the settings before loading a model
+        jobs = _plan(args)
         base, lora = resolve_model(args.model, args.lora)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
     t0 = time.perf_counter()
     backend, max_pos, tok = build_backend(args, base, lora)
+    load_s = time.perf_counter() - t0
+    for job in jobs:
+        _run_one(args, job, backend, base, lora, max_pos, tok, load_s)
+
+
+def _plan(args) -> list[dict]:
+    """One {name, path, bench, kind, sampling, out} per benchmark, every setting validated."""
+    from vopd.data import canonical_name, load_benchmark
+    from vopd.rollout import SamplingParams
+
+    if len(args.out) != len(args.benchmark):
+        raise ValueError(
+            f"--out has {len(args.out)} paths for {len(args.benchmark)} benchmarks: "
+            "expected one samples.parquet per benchmark"
+        )
+    stems = [Path(b).stem for b in args.benchmark]
+    names = [canonical_name(stem) or stem for stem in stems]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmarks {names}: each may appear once")
+    lookup = {**dict(zip(stems, names, strict=True)), **{n: n for n in names}}  # stem or name
+    own: dict[str, dict] = {name: {} for name in names}
+    for item in args.set:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not sep or not dot or name not in lookup or key not in PER_BENCHMARK:
+            raise ValueError(
+                f"--set {item!r}: expected NAME.KEY=VALUE with NAME one of {names} "
+                f"and KEY one of {list(PER_BENCHMARK)}"
+            )
+        try:
+            own[lookup[name]][key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {item!r}: {value!r} is not a number") from None
+    jobs = []
+    for path, name, out in zip(args.benchmark, names, args.out, strict=True):
+        job_args = argparse.Namespace(**{**vars(args), **own[name]})
+        if job_args.limit is not None and job_args.limit < 1:
+            raise ValueError(f"{name}: --limit {job_args.limit}: expected >= 1")
+        bench = load_benchmark(path, args.resources)
+        if job_args.limit:
+            bench = bench.head(job_args.limit)
+        kinds = sorted(set(bench["kind"]))
+        if len(kinds) != 1:
+            raise ValueError(f"benchmark {name} mixes kinds {kinds}: split it by kind")
+        sampling = sampling_for(kinds[0], job_args)
+        SamplingParams(**sampling)  # validates the settings before loading a model
+        jobs.append(
+            {"name": name, "path": path, "bench": bench, "kind": kinds[0], "sampling": sampling}
+            | {"out": Path(out)}
+        )
+    return jobs
+
+
+def _run_one(args, job: dict, backend, base, lora, max_pos, tok, load_s: float) -> None:
+    """Sample one benchmark and write its samples.parquet (atomically, resumable by chunks)."""
+    bench, sampling, out, name = job["bench"], job["sampling"], job["out"], job["name"]
     if max_pos is not None:  # hf: never ask for more tokens than the context holds
         longest = max(len(tok(p)["input_ids"]) for p in bench["prompt"])
         room = max_pos - longest
         if room < 1:
             raise SystemExit(
-                f"error: a prompt of {longest} tokens fills the model's context "
+                f"error: {name}: a prompt of {longest} tokens fills the model's context "
                 f"({max_pos} positions)"
             )
         if sampling["max_new_tokens"] > room:
             print(
-                f"max_new_tokens {sampling['max_new_tokens']} -> {room}: the model has "
+                f"{name}: max_new_tokens {sampling['max_new_tokens']} -> {room}: the model has "
                 f"{max_pos} positions and the longest prompt {longest} tokens",
                 file=sys.stderr,
             )
             sampling["max_new_tokens"] = room
-    load_s = time.perf_counter() - t0
 
-    out = Path(args.out)
     chunk = args.chunk_size or (16 if args.backend == "hf" else len(bench))
     settings = {
         "model": args.model,
         "base": base,
         "lora": lora,
         "backend": args.backend,
-        "benchmark": args.benchmark,
+        "benchmark": job["path"],
         "problems": _fingerprint(list(bench["prompt"])),
         "sampling": sampling,
         "chunk_size": chunk,
@@ -296,11 +355,10 @@ def main(argv=None) -> None:
     tokens = sum(r["num_tokens"] for r in rows)
     from vopd.io import environment
 
-    name = canonical_name(Path(args.benchmark).stem) or Path(args.benchmark).stem
     meta = {
         **settings,
         "benchmark_name": name,
-        "kind": kinds[0],
+        "kind": job["kind"],
         "num_problems": len(bench),
         "env": environment(),
         "timing": {

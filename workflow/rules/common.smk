@@ -47,6 +47,14 @@ def check_config(cfg):
     elif train["prompts"] is None:
         config_error("train.prompts", None, "a prompt set name (e.g. dapo14k) when scale is hub")
     check_steps("eval.steps", ev["steps"])
+    for name, bench in ev["benchmarks"].items():
+        if "backend" in bench.get("sampling", {}):
+            config_error(
+                f"eval.benchmarks.{name}.sampling.backend",
+                bench["sampling"]["backend"],
+                "no per-benchmark backend: one generate job samples every benchmark with one "
+                "model load, so set eval.sampling.backend",
+            )
     if cfg["variance"]["activate"]:
         for key in ("runs", "steps", "k"):
             if key not in cfg["variance"]:
@@ -181,10 +189,14 @@ def prompts_file():
     return f"resources/benchmarks/{config['train']['prompts']}.parquet"
 
 
-def benchmark_file(wildcards):
+def benchmark_path(name):
     if config["scale"] == "toy":
-        return f"{TOY}/benchmarks/{wildcards.benchmark}.parquet"
-    return f"resources/benchmarks/{wildcards.benchmark}.parquet"
+        return f"{TOY}/benchmarks/{name}.parquet"
+    return f"resources/benchmarks/{name}.parquet"
+
+
+def benchmark_file(wildcards):
+    return benchmark_path(wildcards.benchmark)
 
 
 def prepare_flags(wildcards):
@@ -263,15 +275,40 @@ def sampling(benchmark):
     return merged
 
 
+def benchmark_files(wildcards):
+    """Every benchmark file, in BENCHMARKS order (the order of the generate rules' outputs)."""
+    return [benchmark_path(b) for b in BENCHMARKS]
+
+
+def eval_sampling_flags(seed_offset):
+    """Flags of one generate job over every benchmark: a setting all benchmarks share is a
+    plain flag, one that differs is `--set NAME.KEY=VALUE` for the benchmarks that have it."""
+    own = {b: sampling(b) for b in BENCHMARKS}
+    for settings in own.values():
+        settings["seed"] += seed_offset
+    keys = sorted({k for settings in own.values() for k in settings})
+    shared = {}
+    for key in keys:
+        values = {repr(settings.get(key, "<default>")) for settings in own.values()}
+        if len(values) == 1 and all(key in settings for settings in own.values()):
+            shared[key] = own[BENCHMARKS[0]][key]
+    overrides = [
+        f"{b}.{k}={v}"
+        for b, settings in own.items()
+        for k, v in sorted(settings.items())
+        if k not in shared
+    ]
+    flags = cli_flags({**config["eval"]["args"], **shared})
+    return " ".join([flags, *(f"--set {shlex.quote(item)}" for item in overrides)]).strip()
+
+
 def run_sampling_flags(wildcards):
     """Each training seed samples its evaluation with its own (deterministic) seed."""
-    settings = sampling(wildcards.benchmark)
-    settings["seed"] = settings["seed"] + int(wildcards.seed)
-    return cli_flags({**config["eval"]["args"], **settings})
+    return eval_sampling_flags(int(wildcards.seed))
 
 
 def reference_sampling_flags(wildcards):
-    return cli_flags({**config["eval"]["args"], **sampling(wildcards.benchmark)})
+    return eval_sampling_flags(0)
 
 
 def checkpoint_flags(wildcards, input):

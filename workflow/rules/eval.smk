@@ -3,16 +3,20 @@
 
 
 rule generate:
-    """Samples of one run's checkpoint at one step on one benchmark."""
+    """Samples of one run's checkpoint at one step on every benchmark: the model loads once
+    (one process start, one vLLM engine start) per checkpoint."""
     input:
         done="results/{experiment}/{estimator}/seed{seed}/done.json",
-        benchmark=benchmark_file,
+        benchmarks=benchmark_files,
     output:
-        samples="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/samples.parquet",
+        samples=expand(
+            "results/{{experiment}}/{{estimator}}/seed{{seed}}/eval/{benchmark}/step{{step}}/samples.parquet",
+            benchmark=BENCHMARKS,
+        ),
     log:
-        "results/{experiment}/{estimator}/seed{seed}/logs/generate_{benchmark}_step{step}.log",
+        "results/{experiment}/{estimator}/seed{seed}/logs/generate_step{step}.log",
     benchmark:
-        "results/{experiment}/{estimator}/seed{seed}/benchmark/generate_{benchmark}_step{step}.tsv"
+        "results/{experiment}/{estimator}/seed{seed}/benchmark/generate_step{step}.tsv"
     conda:
         TORCH_ENV
     threads: TOY_MODEL_THREADS
@@ -22,7 +26,7 @@ rule generate:
         sampling=run_sampling_flags,
     shell:
         "{params.torch_env} python -m vopd.eval.generate {params.model}"
-        " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
+        " --benchmark {input.benchmarks} --out {output.samples} {params.sampling} > {log} 2>&1"
 
 
 rule grade:
@@ -47,16 +51,20 @@ rule grade:
 
 
 rule generate_reference:
-    """Samples of a model that was not distilled (the student before distillation, or the teacher)."""
+    """Samples of a model that was not distilled (the student before distillation, or the
+    teacher) on every benchmark."""
     input:
         unpack(model_inputs),
-        benchmark=benchmark_file,
+        benchmarks=benchmark_files,
     output:
-        samples="results/{experiment}/reference/{model}/eval/{benchmark}/samples.parquet",
+        samples=expand(
+            "results/{{experiment}}/reference/{{model}}/eval/{benchmark}/samples.parquet",
+            benchmark=BENCHMARKS,
+        ),
     log:
-        "results/{experiment}/reference/{model}/logs/generate_{benchmark}.log",
+        "results/{experiment}/reference/{model}/logs/generate.log",
     benchmark:
-        "results/{experiment}/reference/{model}/benchmark/generate_{benchmark}.tsv"
+        "results/{experiment}/reference/{model}/benchmark/generate.tsv"
     conda:
         TORCH_ENV
     threads: TOY_MODEL_THREADS
@@ -66,7 +74,7 @@ rule generate_reference:
         sampling=reference_sampling_flags,
     shell:
         "{params.torch_env} python -m vopd.eval.generate {params.model}"
-        " --benchmark {input.benchmark} --out {output.samples} {params.sampling} > {log} 2>&1"
+        " --benchmark {input.benchmarks} --out {output.samples} {params.sampling} > {log} 2>&1"
 
 
 rule grade_reference:
