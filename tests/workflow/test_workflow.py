@@ -106,6 +106,13 @@ def test_dry_run(configfile):
     assert {"train", "generate", "grade", "variance_probe", "cost_profile", "summary"} <= jobs
 
 
+def test_paper_dry_run_through_the_slurm_profile():
+    """The cluster command of the README: no --cores (a remote executor has none), so no rule
+    may read workflow.cores at parse time."""
+    jobs = planned_jobs("--configfile", "config/paper.yaml", "--workflow-profile", "profiles/slurm")
+    assert {"train", "generate", "cost_profile"} <= jobs
+
+
 def test_configfile_replaces_the_default_config():
     """--configfile must not be merged into config/config.yaml (toy estimators in the paper)."""
     out = snakemake("-n", "-p", "--configfile", "config/paper.yaml").stdout

@@ -5,6 +5,7 @@
 import os
 import shlex
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 # ---- validation -----------------------------------------------------------------------------
@@ -95,8 +96,12 @@ TOY = config["toy"]["dir"]
 # runs beside its timings. At hub scale every torch job declares every core: one at a time on a
 # local GPU machine; profiles/slurm turns threads into cpus-per-task.
 # Torch jobs use the CPU stack at scale toy and the GPU stack at scale hub.
+try:
+    ALL_CORES = workflow.cores
+except WorkflowError:  # a remote executor (slurm) runs without --cores: set-threads decides
+    ALL_CORES = 1
 HUB = config["scale"] == "hub"
-TOY_MODEL_THREADS = workflow.cores if HUB else 1
+TOY_MODEL_THREADS = ALL_CORES if HUB else 1
 SFT_THREADS = 2
 TORCH_ENV = "../envs/vopd-gpu.yaml" if HUB else "../envs/vopd-cpu.yaml"
 

@@ -12,7 +12,7 @@ rule cost_profile:
         "results/{experiment}/profile/benchmark/{mode}.tsv"
     conda:
         TORCH_ENV
-    threads: workflow.cores
+    threads: ALL_CORES
     params:
         torch_env=torch_env,
         flags=profile_flags,
