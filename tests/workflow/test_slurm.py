@@ -4,10 +4,12 @@
 
 Opt-in (marker ``slow``, skipped unless ``-m slow`` selects it). Needs root. Installs Debian's
 ``slurmctld slurmd slurm-client munge`` with apt when ``slurmctld`` is missing, writes a
-slurm.conf for this host into a temporary folder (SLURM_CONF; free ports, so a cluster of
-someone else's is never touched), starts munged (unless one answers already), slurmctld and
-slurmd, waits for the node to be idle, and runs the smoke config with profiles/slurm (GPU and
-memory requests scaled down to this node) under ``timeout -s KILL``. Skips cleanly when the
+slurm.conf for this host into a temporary folder (SLURM_CONF; free ports) and, because the
+jobs' ``srun`` reads only the default path, to /etc/slurm/slurm.conf (skipped if one exists, so
+a cluster of someone else's is never touched; removed afterwards), starts munged (unless one
+answers already), slurmctld and slurmd, waits for the node to be idle, and runs the smoke
+config with profiles/slurm (GPU and memory requests scaled down to this node) under
+``timeout -s KILL``. Skips cleanly when the
 daemons cannot start. Daemons are stopped by the PIDs this test started them with.
 Facts behind each step: shared/docs/slurm-local.md (SLURM 22.05, plugin 2.8, ``squeue`` status).
 """
@@ -152,6 +154,15 @@ def slurm_cluster(tmp_path_factory, request):
         )
     )
     env = {**os.environ, "SLURM_CONF": str(conf)}
+    # Inside a job the plugin's `srun` does not see SLURM_CONF (measured: "Could not establish a
+    # configuration source"), so it must find the config at the default path. Only on a machine
+    # with no SLURM of its own: an existing /etc/slurm/slurm.conf is never touched.
+    system_conf = Path("/etc/slurm/slurm.conf")
+    if system_conf.exists():
+        pytest.skip(f"{system_conf} exists: this machine has a SLURM cluster of its own")
+    system_conf.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(conf, system_conf)
+    request.addfinalizer(lambda: system_conf.unlink(missing_ok=True))
     started: list[int] = []
     procs: list[subprocess.Popen] = []
     try:
