@@ -158,7 +158,7 @@ def bad_config(tmp_path, edit) -> Path:
         (lambda c: c.update(seeds="0,1"), "'0,1' is not of type 'array'"),
         (lambda c: c["estimators"].update(vopd={"top_k": 4}), "'top_k' was unexpected"),
         (lambda c: c["estimators"].update(vopd_topk={"top_k": 0}), "0 is less than the minimum"),
-        (lambda c: c["eval"].update(steps=[70]), "config key 'eval.steps' = 70"),
+        (lambda c: c["eval"].update(steps=[71]), "config key 'eval.steps' = 71"),
         (lambda c: c["eval"]["benchmarks"].update(math500={}), "'eval.benchmarks.math500'"),
         (
             lambda c: c["eval"]["benchmarks"]["toy_hard"].update(sampling={"backend": "vllm"}),
