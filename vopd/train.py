@@ -215,16 +215,25 @@ def generate_rollouts(backend, student, prompts: list[str], cfg: TrainConfig, st
     rank = dist.from_env()
     idx = idx[slice(*dist.shard_bounds(len(idx), rank.rank, rank.world_size))]
     backend.sync_weights(student)
-    sampling = SamplingParams(
+    sampling = rollout_sampling(
+        cfg,
+        seed=dist.rank_seed(step_seed(cfg.seed, step), rank.rank),
+        logprobs=cfg.is_correction or cfg.rollout_backend == "vllm",  # mismatch metrics
+    )
+    return backend.generate([prompts[i] for i in idx], sampling)
+
+
+def rollout_sampling(cfg: TrainConfig, **extra) -> SamplingParams:
+    """The run's rollout sampler (temperature, top-p/k, length, samples per prompt) + ``extra``:
+    what the trainer samples with, and what ``vopd.variance`` must sample with too."""
+    return SamplingParams(
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.sampling_top_k,
         max_new_tokens=cfg.max_new_tokens,
         n=cfg.samples_per_prompt,
-        seed=dist.rank_seed(step_seed(cfg.seed, step), rank.rank),
-        logprobs=cfg.is_correction or cfg.rollout_backend == "vllm",  # mismatch metrics
+        **extra,
     )
-    return backend.generate([prompts[i] for i in idx], sampling)
 
 
 def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V):

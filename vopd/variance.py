@@ -59,7 +59,7 @@ from vopd.estimators import (
     row_stats,
 )
 from vopd.io import read_jsonl, write_parquet
-from vopd.rollout import SamplingParams, get_backend
+from vopd.rollout import get_backend
 
 PG_BASELINES = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")  # per-position baselines
 EXACT_ESTIMATORS = ("full_opd", "topk_opd")  # no sampled token: zero per-position variance
@@ -409,13 +409,9 @@ def probe(
     backend = get_backend(
         "hf", model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
     )
-    sampling = SamplingParams(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.sampling_top_k,
-        max_new_tokens=cfg.max_new_tokens,
-        n=cfg.samples_per_prompt,
-    )
+    from vopd.train import rollout_sampling  # exactly the trainer's sampler
+
+    sampling = rollout_sampling(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(student.parameters()).device
     positions = 0
