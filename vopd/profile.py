@@ -379,12 +379,13 @@ def measure_train_step(
 # Many variants, each in a fresh process.
 #
 # Fresh processes are forked from one forkserver that imported torch once (about 1.7 s saved
-# per variant on 2 CPU cores). The server is started with glibc's mmap threshold pinned in its
-# environment, so every child inherits it; it never touches CUDA, so a child may. A child's
-# VmHWM starts at the server's RSS (torch imported, no tensors), exactly what ``base_bytes``
-# reports, and the server's own memory never grows, so no variant inherits another's heap.
+# per variant on 2 CPU cores). The server starts with glibc's mmap threshold pinned in its
+# environment (this process's environment is restored afterwards), so every child inherits it;
+# it never touches CUDA, so a child may. A child's VmHWM starts at the server's RSS (torch
+# imported, no tensors), exactly what ``base_bytes`` reports, and the server's own memory never
+# grows, so no variant inherits another's heap.
 
-_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONUNBUFFERED": "1"}
+_MMAP_THRESHOLD = ("MALLOC_MMAP_THRESHOLD_", "65536")  # freed buffers go back to the OS
 _CONTEXT = None
 
 
@@ -392,10 +393,21 @@ def _forkserver():
     global _CONTEXT
     if _CONTEXT is None:
         import multiprocessing
+        from multiprocessing import forkserver
 
-        os.environ.update(_ENV)  # read by the server when it starts (at the first variant)
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "vopd.estimators", "vopd.profile"])
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "vopd.estimators", "vopd.profile"])
+        key, value = _MMAP_THRESHOLD
+        before = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            forkserver.ensure_running()  # the server copies the environment now
+        finally:
+            if before is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = before
+        _CONTEXT = ctx
     return _CONTEXT
 
 
