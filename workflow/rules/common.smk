@@ -291,12 +291,8 @@ def eval_sampling_flags(seed_offset):
     own = {b: sampling(b) for b in BENCHMARKS}
     for settings in own.values():
         settings["seed"] += seed_offset
-    keys = sorted({k for settings in own.values() for k in settings})
-    shared = {}
-    for key in keys:
-        values = {repr(settings.get(key, "<default>")) for settings in own.values()}
-        if len(values) == 1 and all(key in settings for settings in own.values()):
-            shared[key] = own[BENCHMARKS[0]][key]
+    first, *rest = own.values()
+    shared = {k: v for k, v in first.items() if all(k in o and o[k] == v for o in rest)}
     overrides = [
         f"{b}.{k}={v}"
         for b, settings in own.items()
