@@ -400,10 +400,13 @@ def parse_variant(
     where = f"{key}.{name}"
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise ValueError(f"{key}: variant name {name!r}: expected to match {NAME_PATTERN}")
+    if entry is not None and not isinstance(entry, Mapping):
+        raise ValueError(f"{where}={entry!r}: expected a mapping of estimator: and options")
     entry = dict(entry or {})
+    named = "estimator" in entry  # the hint below is for a bare name only
     estimator = entry.pop("estimator", name)
-    if estimator not in _SPECS:
-        hint = "" if "estimator" in (entry or {}) else " (or set estimator: for a variant)"
+    if not isinstance(estimator, str) or estimator not in _SPECS:
+        hint = "" if named else " (or set estimator: for a variant)"
         raise ValueError(
             f"{where}: unknown estimator {estimator!r}: expected one of {names()}{hint}"
         )
