@@ -133,6 +133,16 @@ def test_parse_variant_of_a_bare_name_and_of_a_named_estimator():
     assert Variant("vopd", "vopd").describe() == "vopd"
 
 
+def test_variant_unbiased_follows_the_estimator_and_the_options_that_bias_it():
+    assert Variant("v", "vopd").unbiased and Variant("s", "sample_opd").unbiased
+    assert Variant("u", "sample_opd", {"detach_reward": False}).unbiased  # a constant baseline
+    assert Variant("n", "sample_opd", {"reward_clip_lambda": None}).unbiased  # off
+    assert not Variant("c", "sample_opd", {"reward_clip_lambda": 0.5}).unbiased
+    assert not Variant("k", "topk_opd", {"top_k": 4}).unbiased
+    assert not Variant("k3", "k3_loss", {"clamp": 10.0}).unbiased
+    assert {n for n, o in OPTIONS.items() if o.biases} == {"reward_clip_lambda", "clamp"}
+
+
 VARIANT_ERRORS = [
     ({"vopd2": {}}, r"^estimators\.vopd2: unknown estimator 'vopd2': expected one of \[.*\] "
      r"\(or set estimator: for a variant\)$"),

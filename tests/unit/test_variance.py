@@ -295,6 +295,36 @@ def test_exact_probes_of_variants_keep_their_options():
     )
 
 
+def test_variants_whose_options_bias_them_get_no_removable_split():
+    """A reward floor makes sample OPD biased: its variants report their bias and no
+    removable/irreducible split (which assumes an unbiased gradient: with clipping V falls below
+    V(b*), so the split would read negative). Undetached sample OPD (a constant baseline) and
+    unclipped variants stay unbiased, with removable variance >= 0."""
+    s, t = _logits(N=64, V=11, seed=4)
+    variants = {
+        "plain": catalog.Variant("plain", "sample_opd"),
+        "undetached": catalog.Variant("undetached", "sample_opd", {"detach_reward": False}),
+        "off": catalog.Variant("off", "sample_opd", {"reward_clip_lambda": None}),
+        **{
+            f"clip{lam}": catalog.Variant(f"clip{lam}", "sample_opd", {"reward_clip_lambda": lam})
+            for lam in (0.1, 0.5, 0.9)
+        },
+    }
+    out = exact_probes(s, t, torch.ones(64), variants)
+    signal = out["plain"]["exact_position_signal"]
+    for name, row in out.items():
+        if name.startswith("clip"):
+            assert not variants[name].unbiased
+            assert "removable_variance" not in row and "removed_fraction" not in row
+            assert row["exact_position_bias_sqnorm"] > 1e-3 * signal
+        else:
+            assert variants[name].unbiased
+            assert row["removable_variance"] >= 0
+            assert row["exact_position_bias_sqnorm"] == pytest.approx(0.0, abs=1e-12 * signal)
+    # the clipped variants' variance is below what any unbiased per-position baseline reaches
+    assert out["clip0.9"]["exact_position_variance"] < out["plain"]["irreducible_variance"]
+
+
 def _direct_exact_bias(name, s, t, k):
     """‖∇_z loss − ∇_z KL(p‖q)‖² per row, the top-k loss written with plain log_softmax."""
     z = s.clone().requires_grad_(True)
