@@ -63,6 +63,7 @@ class Option:
     hi_open: bool = False
     nullable: bool = False
     choices: tuple = ()
+    biases: bool = False  # a non-null value changes what the gradient's expectation is
 
     def expected(self) -> str:
         if self.kind == "bool":
@@ -119,11 +120,11 @@ OPTIONS: dict[str, Option] = {
         Option("top_k", "int", DEFAULT_TOP_K, lo=1,
                doc="size of the student's top-k support (official kl_top_k: 100)"),
         Option("reward_clip_lambda", "float", None, lo=0, hi=1, lo_open=True, hi_open=True,
-               nullable=True,
+               nullable=True, biases=True,
                doc="floor the reward at ln λ/(1 − λ) (official commit c77a078); null = off"),
         Option("detach_reward", "bool", True,
                doc="false reproduces the released undetached advantage (an implicit +1)"),
-        Option("clamp", "float", None, lo=0, lo_open=True, nullable=True,
+        Option("clamp", "float", None, lo=0, lo_open=True, nullable=True, biases=True,
                doc="clamp the k3 value to [−c, c], zero gradient outside (verl low_var_kl: "
                    "10); null = off"),
         Option("advantage", "float", -1.0,
@@ -383,6 +384,14 @@ class Variant:
     options: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
 
+    @property
+    def unbiased(self) -> bool:
+        """Its estimator is unbiased and no option of the variant changes that (a reward floor,
+        a clamp: ``Option.biases``)."""
+        opts = self.options.items()
+        changed = any(k in OPTIONS and OPTIONS[k].biases and v is not None for k, v in opts)
+        return get(self.estimator).unbiased and not changed
+
     def train_overrides(self) -> dict:
         """``key: value`` for ``python -m vopd.train``: the estimator, its options, overrides."""
         return {**self.overrides, "estimator": self.estimator, **self.options}
@@ -400,10 +409,13 @@ def parse_variant(
     where = f"{key}.{name}"
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise ValueError(f"{key}: variant name {name!r}: expected to match {NAME_PATTERN}")
+    if entry is not None and not isinstance(entry, Mapping):
+        raise ValueError(f"{where}={entry!r}: expected a mapping of estimator: and options")
     entry = dict(entry or {})
+    named = "estimator" in entry  # the hint below is for a bare name only
     estimator = entry.pop("estimator", name)
-    if estimator not in _SPECS:
-        hint = "" if "estimator" in (entry or {}) else " (or set estimator: for a variant)"
+    if not isinstance(estimator, str) or estimator not in _SPECS:
+        hint = "" if named else " (or set estimator: for a variant)"
         raise ValueError(
             f"{where}: unknown estimator {estimator!r}: expected one of {names()}{hint}"
         )

@@ -214,7 +214,7 @@ class ExactPositionMoments:
         irr, zero = mean["irreducible"], mean["zero"]
         out: dict[str, dict[str, float]] = {}
         for name in self.variants:
-            unbiased = catalog.get(self.variants[name].estimator).unbiased
+            unbiased = self.variants[name].unbiased  # a reward floor biases sample OPD
             row = {"exact_position_variance": mean.get(name, 0.0)}
             if name in self.pg and unbiased:
                 row["removable_variance"] = mean[name] - irr

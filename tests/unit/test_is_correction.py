@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from vopd import catalog
 from vopd.is_correction import (
     IS_CAP,
     mismatch_metrics,
@@ -68,12 +69,21 @@ def test_pad_sampler_logprobs():
         sampler_logprobs_tensor([[-0.1, -0.2], [-1.0]], [2, 2], 2)
 
 
-def test_step_weights_apply_to_policy_gradient_estimators_only():
+@pytest.mark.parametrize("name", catalog.names())
+def test_step_weights_apply_to_policy_gradient_estimators_only(name):
+    """Every sampled-token estimator of the catalog is weighted; the exact ones (a divergence
+    itself, no sampled token) are not, as in the official code."""
     train, sampler, mask = torch.tensor([[-1.0]]), torch.tensor([[-1.5]]), torch.ones(1, 1)
-    assert step_weights("vopd", True, train, sampler, mask).tolist() == pytest.approx(
-        [math.exp(0.5)]
-    )
-    assert step_weights("full_opd", True, train, sampler, mask) is None  # the KL is not weighted
+    w = step_weights(name, True, train, sampler, mask)
+    if catalog.get(name).sampled:
+        assert w.tolist() == pytest.approx([math.exp(0.5)])
+    else:
+        assert w is None
+    assert step_weights(name, False, train, sampler, mask) is None
+
+
+def test_step_weights_switches():
+    train, sampler, mask = torch.tensor([[-1.0]]), torch.tensor([[-1.5]]), torch.ones(1, 1)
     assert step_weights("vopd", False, train, sampler, mask) is None
     assert step_weights("vopd", False, train, None, mask) is None
     with pytest.raises(ValueError, match="needs the rollout backend's sampler log-probs"):
