@@ -97,7 +97,8 @@ def position_variance(
     b² S_0 − ‖μ‖², minimised by b* = S_1/S_0, and V(b) − V(b*) = S_0 (b − b*)². Returns
     ``{name: V}`` per pg variant, ``{name + "/bias": ‖E_y g − ∇_z KL‖²}`` (0 for the unbiased
     ones), and ``b_star``, ``irreducible`` (V(b*)), ``zero`` (V(0), sample OPD's) and ``signal``
-    (‖∇_z KL‖² = ‖p ⊙ (r + KL)‖²). A one-hot p has g ≡ 0: V = 0."""
+    (‖∇_z KL‖² = ‖p ⊙ (r + KL)‖²). A one-hot p has g ≡ 0 (V = 0) for a bounded advantage;
+    k3's A = q/p − 1 is not bounded, and its variance ≈ 2 Σ q²/p grows without limit there."""
     N, V = student_NV.shape
     rows = chunk_rows or max(1, (1 << 21) // V)
     D = torch.float64
