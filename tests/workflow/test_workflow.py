@@ -11,6 +11,7 @@ non-ignored files), as a fresh clone would, with that copy first on PYTHONPATH.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -172,6 +173,76 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Building DAG of jobs" not in proc.stdout + proc.stderr
+
+
+def hub_config(tmp_path, edit) -> Path:
+    cfg = yaml.safe_load((REPO / "config/small.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c, bad: c["train"].update(prompts=bad),
+        lambda c, bad: c.update(experiment=bad),
+        lambda c, bad: c["eval"]["benchmarks"].update({bad: {}}),
+        lambda c, bad: c["eval"].update(args={bad: 1}),
+        lambda c, bad: c["train"].update(overrides={bad: 1}),
+    ],
+    ids=["train.prompts", "experiment", "benchmark", "flag", "override"],
+)
+@pytest.mark.parametrize("kind", ["shell", "traversal"])
+def test_names_with_shell_syntax_or_paths_fail_at_parse_time(tmp_path, edit, kind):
+    """Names that become paths, wildcards or flags are validated by the schema (issue 14: a
+    `train.prompts` of ``x`touch /tmp/pwned` `` reached the prepare_benchmark shell command, and
+    ``../../../../../tmp/x`` wrote its log outside the repository)."""
+    marker = tmp_path / "pwned"
+    bad = f"x`touch {marker}`" if kind == "shell" else "../../../../../tmp/x"
+    proc = snakemake("-n", "--configfile", str(hub_config(tmp_path, lambda c: edit(c, bad))),
+                     check=False)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not match" in out, out
+    assert "Building DAG of jobs" not in out
+    assert not marker.exists()
+
+
+def shell_commands(*args) -> list[list[str]]:
+    """The shell commands of a dry run (-p), each split into words as the shell would."""
+    out = snakemake(*args, "-n", "-p", "--forceall").stdout
+    prefix = "Shell command: "
+    return [
+        shlex.split(line[len(prefix) :]) for line in out.splitlines() if line.startswith(prefix)
+    ]
+
+
+def test_paths_with_spaces_and_quotes_reach_the_commands_as_one_word(tmp_path):
+    """Every value that reaches a `shell:` command is quoted: a training config and benchmark
+    files whose paths hold spaces and quotes arrive as single arguments."""
+    folder = tmp_path / "my dir"
+    folder.mkdir()
+    train_config = folder / "train config.yaml"
+    shutil.copy(REPO / "config/train/small.yaml", train_config)
+    files = [str(folder / "part 1.jsonl"), str(tmp_path / "it's.jsonl")]
+
+    def edit(c):
+        c["train"]["config"] = str(train_config)
+        c["eval"]["benchmarks"]["math500"]["path"] = files
+
+    commands = shell_commands("--configfile", str(hub_config(tmp_path, edit)))
+    train = [c for c in commands if "vopd.train" in c]
+    assert train and all(c[c.index("--config") + 1] == str(train_config) for c in train)
+    prepare = next(c for c in commands if "prepare" in c and "math500" in c)
+    start = prepare.index("--path") + 1
+    assert prepare[start : start + 2] == files and prepare[start + 2] == "--out"
+
+
+def test_train_overrides_may_be_left_out(tmp_path):
+    """The schema default of train.overrides applies (issue 14: KeyError 'overrides')."""
+    config = bad_config(tmp_path, lambda c: c["train"].pop("overrides"))
+    assert "train" in planned_jobs("--configfile", str(config))
 
 
 # ---- the smoke run ----------------------------------------------------------------------------

@@ -119,10 +119,11 @@ def torch_env(wildcards, threads):
 
 def cli_flags(mapping):
     """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
-    (the vopd CLIs take lists comma-separated)."""
+    (the vopd CLIs take lists comma-separated). Every flag and value is shell-quoted: the
+    result goes into a `shell:` command unquoted, as several words."""
     parts = []
     for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
-        flag = f"--{key.replace('_', '-')}"
+        flag = shlex.quote(f"--{key.replace('_', '-')}")
         if value is None or value is False:
             continue
         if value is True:
@@ -205,12 +206,16 @@ def benchmark_file(wildcards):
 
 
 def prepare_flags(wildcards):
-    """`--path` for a benchmark (or the training prompt set) read from a local file."""
+    """`--path` for a benchmark (or the training prompt set) read from local files: one path, a
+    directory, or a list of paths (each shell-quoted)."""
     if wildcards.benchmark == config["train"]["prompts"]:
         path = config["train"]["prompts_path"]
     else:
         path = config["eval"]["benchmarks"].get(wildcards.benchmark, {}).get("path")
-    return cli_flags({"path": path})
+    if path is None:
+        return ""
+    paths = path if isinstance(path, list) else [path]
+    return "--path " + " ".join(shlex.quote(str(p)) for p in paths)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def train_overrides(wildcards):
     workflow's own keys (estimator, seed, models, prompts, steps)."""
     train = config["train"]
     options = dict(config["estimators"][wildcards.estimator])
-    merged = {**train["overrides"], **options.pop("overrides", {}), **options}
+    merged = {**train.get("overrides", {}), **options.pop("overrides", {}), **options}
     merged.update(
         {
             TRAIN_KEYS["estimator"]: wildcards.estimator,
