@@ -80,7 +80,8 @@ def test_run_directory_contract(run_config, tmp_path, capsys):
         d = run / "checkpoints" / f"step{step}"
         assert (d / "config.json").exists() and (d / "tokenizer.json").exists()
     assert (run / "checkpoints" / "step3" / "trainer_state.pt").exists()
-    assert not (run / "checkpoints" / "step2" / "trainer_state.pt").exists()  # pruned
+    assert (run / "checkpoints" / "step2" / "trainer_state.pt").exists()  # the fallback
+    assert not (run / "checkpoints" / "step0" / "trainer_state.pt").exists()  # pruned
     # step0 is the initial student, bit for bit
     init = load_file(Path(load_config(run / "config.yaml").student) / "model.safetensors")
     assert all(torch.equal(init[k], _weights(run, 0)[k]) for k in init)
