@@ -165,8 +165,29 @@ def bad_config(tmp_path, edit) -> Path:
             lambda c: c["eval"]["benchmarks"]["toy_hard"].update(sampling={"backend": "vllm"}),
             "'eval.benchmarks.toy_hard.sampling.backend'",
         ),
+        (
+            lambda c: c["eval"]["sampling"].update(temperature=float("nan")),
+            "config key 'eval.sampling.temperature' = nan: expected a finite number",
+        ),
+        (
+            lambda c: c["eval"]["benchmarks"]["toy_test"].update(
+                sampling={"temperature": float("inf")}
+            ),
+            "config key 'eval.benchmarks.toy_test.sampling.temperature' = inf",
+        ),
     ],
-    ids=["estimator", "key", "type", "option", "range", "step", "toy-benchmark", "backend"],
+    ids=[
+        "estimator",
+        "key",
+        "type",
+        "option",
+        "range",
+        "step",
+        "toy-benchmark",
+        "backend",
+        "nan",
+        "inf",
+    ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     proc = snakemake("-n", "--configfile", str(bad_config(tmp_path, edit)), check=False)

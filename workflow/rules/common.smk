@@ -2,6 +2,7 @@
 # wants rules and functions in separate files). Every rule parameter that is more than a
 # wildcard comes from a named function here; rules hold no lambdas.
 
+import math
 import os
 import shlex
 
@@ -25,7 +26,21 @@ def config_error(key, value, expected):
     raise ValueError(f"config key {key!r} = {value!r}: expected {expected}")
 
 
+def check_finite(value, key):
+    """NaN and inf pass every schema range check (a comparison with NaN is False): reject them
+    anywhere in the config (e.g. eval.sampling.temperature: .nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        config_error(key, value, "a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, f"{key}[{i}]")
+
+
 def check_config(cfg):
+    check_finite(cfg, "")
     train, ev = cfg["train"], cfg["eval"]
     steps = train["steps"]
 
