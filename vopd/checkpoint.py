@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vopd.io import write_json
+from vopd.io import read_jsonl, write_json
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -82,20 +82,33 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read back (truncated, corrupt, or not a vopd file)."""
 
 
-def latest_resumable(run_dir: str | Path) -> Path | None:
+def latest_resumable(run_dir: str | Path, *, metrics: str | Path | None = None) -> Path | None:
     """The newest complete checkpoint that holds a resume state, or None if none holds one.
 
     Leftovers of a checkpoint that was being written when the job died (hidden
     ``.step{N}.tmp-*`` directories) are removed. A checkpoint whose ``trainer_state.pt`` or
     weights (``*.safetensors``) cannot be read is reported on stderr, naming the file, and the
     previous resume state is used instead; if no resume state is readable, a
-    :class:`CheckpointError` names every damaged file and says what to delete."""
+    :class:`CheckpointError` names every damaged file and says what to delete.
+
+    With ``metrics`` (the run's metrics.jsonl), a checkpoint past the steps that file covers
+    (:func:`metrics_coverage`; e.g. the file was cut) is skipped for an earlier one, so the
+    resumed curve has no gap; if every resume state is past it, a CheckpointError says so."""
     root = Path(run_dir) / "checkpoints"
     for tmp in root.glob(".step*.tmp-*") if root.is_dir() else ():
         shutil.rmtree(tmp, ignore_errors=True)
-    damaged = []
-    for _, d in reversed(list_checkpoints(run_dir).items()):
+    covered = None if metrics is None else metrics_coverage(metrics)
+    damaged, past = [], []
+    for step, d in reversed(list_checkpoints(run_dir).items()):
         if not (d / STATE_FILE).exists():
+            continue
+        if covered is not None and step > covered:
+            past.append(step)
+            print(
+                f"checkpoint: {d} is past the last step {covered} that {metrics} holds "
+                "contiguously (the file was cut or edited); trying an earlier resume state",
+                file=sys.stderr,
+            )
             continue
         try:
             check_checkpoint(d)
@@ -110,7 +123,43 @@ def latest_resumable(run_dir: str | Path) -> Path | None:
             + "; ".join(damaged)
             + f". Delete {root} (the run restarts from step 0) or the whole run directory"
         )
+    if past:
+        raise CheckpointError(
+            f"{metrics} holds steps 1..{covered} contiguously, but the run's resume states are "
+            f"at steps {sorted(past)}: resuming would leave steps {covered + 1}..{min(past)} "
+            f"missing from the training curve. Delete {Path(run_dir)} to start the run over"
+        )
     return None
+
+
+def metrics_coverage(path: str | Path) -> int:
+    """The number k such that the first k rows of a run's metrics.jsonl are steps 1..k in order
+    (0 if the file is missing). A torn last line (a killed write) does not count; a malformed
+    line elsewhere is a ValueError naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    k = 0
+    for row in read_jsonl(path):
+        if not isinstance(row, dict) or row.get("step") != k + 1:
+            break
+        k += 1
+    return k
+
+
+def metrics_rows(path: str | Path, step: int) -> list[dict]:
+    """Rows 1..``step`` of a run's metrics.jsonl (what a resume from ``step`` keeps); a
+    ValueError naming the file if they are not exactly steps 1..step."""
+    rows = read_jsonl(path) if Path(path).exists() else []
+    rows = rows[:step]
+    found = [r.get("step") if isinstance(r, dict) else None for r in rows]
+    if found != list(range(1, step + 1)):
+        raise ValueError(
+            f"{path}: expected steps 1..{step} to resume from the step-{step} checkpoint, found "
+            f"{len(rows)} row(s) with steps {found[:5]}{'...' if len(found) > 5 else ''}: the "
+            "file was cut or edited; delete the run directory to start over"
+        )
+    return rows
 
 
 def check_checkpoint(ckpt: str | Path) -> None:

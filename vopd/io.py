@@ -75,7 +75,8 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file, skipping a torn (partially written) last line."""
+    """Read a JSONL file, skipping a torn (partially written) last line. A malformed line
+    elsewhere is a ValueError naming the file and the line number."""
     rows = []
     with open(path) as f:
         lines = f.read().splitlines()
@@ -84,10 +85,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(
+                f"{path}: line {i + 1}: invalid JSON ({e.msg}, column {e.colno})"
+            ) from None
     return rows
 
 
