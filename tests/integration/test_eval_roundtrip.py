@@ -216,6 +216,42 @@ def test_killed_generation_resumes(toy, tmp_path):
     pd.testing.assert_frame_equal(resumed, clean)  # per-chunk seeds: identical to a clean run
 
 
+def test_resume_never_reuses_chunks_of_other_weights_at_the_same_path(toy, tmp_path, monkeypatch):
+    """Chunks saved for one model are discarded when other weights are saved at the same path
+    (issue 14: the resume fingerprint covered the model path, not its weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, bench = toy
+    same_path = tmp_path / "model"
+    shutil.copytree(model, same_path)
+    out = tmp_path / "eval" / "samples.parquet"
+    parts = out.parent / f".{out.name}.parts"
+    args = ["--n", "2", "--limit", "4", "--chunk-size", "2", "--seed", "5"]
+
+    def killed(*a, **k):  # dies after every chunk was saved, before the final file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "write_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(same_path, bench, out, *args)
+    monkeypatch.undo()
+    chunk = parts / "chunk00000.parquet"
+    first = pd.read_parquet(chunk)
+    first["text"] = "REUSED " + first["text"]
+    first.to_parquet(chunk, index=False)
+
+    other = AutoModelForCausalLM.from_pretrained(same_path)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    other.save_pretrained(same_path)  # same path, same config, other weights
+    _gen(same_path, bench, out, *args)
+    assert not pd.read_parquet(out)["text"].str.startswith("REUSED ").any()
+
+
 def test_generate_bad_input_fails_before_loading_a_model(toy, tmp_path):
     model, bench = toy
     out = str(tmp_path / "s.parquet")
