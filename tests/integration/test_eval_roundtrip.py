@@ -319,3 +319,23 @@ def test_lora_adapter_with_the_hf_backend(toy, tmp_path):
     assert (lora["text"] != base["text"]).any()  # the adapter is applied
     meta = json.loads(pq.read_schema(tmp_path / "lora.parquet").metadata[b"vopd"])
     assert meta["lora"] == str(adapter) and meta["base"] == str(model_dir)
+
+
+def test_grade_refuses_samples_covering_fewer_problems_than_generated(toy, tmp_path):
+    """Issue 14: a samples file covering 8 of 16 problems was graded into a summary that looked
+    complete; its metadata holds the count that was generated."""
+    _, bench = toy
+    ids = list(pd.read_parquet(bench)["id"])[:16]
+    rows = [
+        {"problem_id": pid, "sample_idx": 0, "text": "\\boxed{1}", "num_tokens": 3,
+         "truncated": False, "prompt": "p"}
+        for pid in ids[:8]
+    ]  # fmt: skip
+    s = tmp_path / "s.parquet"
+    generate.write_samples(rows, s, {"num_problems": 16})
+    with pytest.raises(SystemExit, match="cover 8 problems but their metadata says 16"):
+        grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "summary.json").exists()
+    generate.write_samples(rows, s, {"num_problems": 8})  # complete: graded
+    grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "summary.json").read_text())["num_problems"] == 8

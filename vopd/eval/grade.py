@@ -71,9 +71,18 @@ def gold_samples(bench: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _check_shape(samples: pd.DataFrame, bench: pd.DataFrame, name: str) -> int:
+def _check_shape(
+    samples: pd.DataFrame, bench: pd.DataFrame, name: str, expected_problems: int | None = None
+) -> int:
     if len(samples) == 0:
         raise ValueError("samples file has no rows")
+    found = samples["problem_id"].nunique()
+    if expected_problems is not None and found != expected_problems:
+        raise ValueError(
+            f"the samples cover {found} problems but their metadata says {expected_problems} "
+            "were generated (num_problems): the file is incomplete or was filtered; regenerate "
+            "it (a summary of part of the benchmark would look complete)"
+        )
     unknown = sorted(set(samples["problem_id"]) - set(bench["id"]))
     if unknown:
         raise ValueError(
@@ -102,12 +111,15 @@ def grade(
     timeout_s: float = 5.0,
     workers: int | None = None,
     name: str = "benchmark",
+    expected_problems: int | None = None,
 ) -> pd.DataFrame:
-    """Per-sample grades, ordered by (benchmark order of the problem, sample_idx)."""
+    """Per-sample grades, ordered by (benchmark order of the problem, sample_idx).
+    ``expected_problems`` (the samples' metadata ``num_problems``): a samples table covering
+    another number of problems is a ValueError."""
     from tqdm import tqdm
 
     samples = samples.assign(problem_id=samples["problem_id"].astype(str))
-    _check_shape(samples, bench, name)
+    _check_shape(samples, bench, name, expected_problems)
     bench = bench.set_index("id")
     order = {pid: i for i, pid in enumerate(bench.index)}
     df = samples.assign(_o=samples["problem_id"].map(order)).sort_values(["_o", "sample_idx"])
@@ -253,7 +265,12 @@ def main(argv=None) -> None:
         else:
             samples, meta = read_samples(args.samples)
         grades = grade(
-            samples, bench, timeout_s=args.timeout, workers=args.workers, name=args.benchmark
+            samples,
+            bench,
+            timeout_s=args.timeout,
+            workers=args.workers,
+            name=args.benchmark,
+            expected_problems=meta.get("num_problems"),
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
