@@ -125,6 +125,8 @@ def test_generate_then_grade(toy, tmp_path, capsys):
         "extracted",
         "correct",
         "timed_out",
+        "grader_error",
+        "flagged",
         "format_ok",
     ]
 
