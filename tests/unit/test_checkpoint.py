@@ -94,3 +94,14 @@ def test_a_full_disk_says_no_space_left_naming_the_file():
         pytest.skip("no /dev/full on this system")
     with pytest.raises(OSError, match="no space left on device writing /dev/full"):
         ckpt.save_state({"x": torch.zeros(100_000)}, "/dev/full")
+
+
+def test_read_jsonl_names_the_file_and_line_of_a_malformed_line(tmp_path):
+    from vopd.io import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n{"ste')
+    with pytest.raises(ValueError, match=rf"{path}: line 2: invalid JSON"):
+        read_jsonl(path)
+    path.write_text('{"step": 1}\n{"ste')  # a torn last line (a killed write) is dropped
+    assert read_jsonl(path) == [{"step": 1}]
