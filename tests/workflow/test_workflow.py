@@ -85,6 +85,17 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
+def test_docs_results_are_not_ignored_but_results_are():
+    """The README's figure lives in docs/results/; an unanchored `results/` ignore rule hid it
+    (issue 14: the main figure was a broken image)."""
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+    assert not ignored("docs/results/accuracy.png") and not ignored("docs/results/accuracy.md")
+    assert ignored("results/toy/report.md")
+
+
 def test_schema_names_every_registered_estimator():
     from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
 
