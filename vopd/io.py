@@ -51,6 +51,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write a probe file into it: an OSError that names the
+    folder (read-only, a file in the way, no space), before any long work starts. (Permission
+    bits alone do not tell: root writes into read-only directories.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        error = OSError(f"cannot write into {folder}: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

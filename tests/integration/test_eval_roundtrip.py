@@ -341,3 +341,19 @@ def test_grade_refuses_samples_covering_fewer_problems_than_generated(toy, tmp_p
     generate.write_samples(rows, s, {"num_problems": 8})  # complete: graded
     grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
     assert json.loads((tmp_path / "summary.json").read_text())["num_problems"] == 8
+
+
+def test_an_unwritable_out_fails_before_any_work(toy, tmp_path):
+    """A read-only or blocked output directory is a one-line error, not an OSError traceback
+    after the sampling or grading."""
+    model, bench = toy
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    with pytest.raises(SystemExit, match=rf"error: cannot write into {blocker / 'eval'}"):
+        _gen(model, bench, blocker / "eval" / "samples.parquet")
+    s = tmp_path / "s.parquet"
+    rows = [{"problem_id": "x", "sample_idx": 0, "text": "", "num_tokens": 0,
+             "truncated": False, "prompt": "p"}]  # fmt: skip
+    generate.write_samples(rows, s, {})
+    with pytest.raises(SystemExit, match=rf"error: cannot write into {blocker}"):
+        grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(blocker)])

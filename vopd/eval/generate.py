@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from vopd.io import check_writable
+
 KIND_DEFAULTS = {  # official configs/eval/default.yaml + scripts/run_eval*.sh
     "math": {"top_p": 1.0, "top_k": -1, "max_new_tokens": 4096},
     "mcq": {"top_p": 0.95, "top_k": 20, "max_new_tokens": 4096},
@@ -286,14 +288,19 @@ def main(argv=None) -> None:
     try:
         jobs = _plan(args)
         base, lora = resolve_model(args.model, args.lora)
-    except ValueError as e:
+        for job in jobs:  # an unwritable --out fails now, not after the sampling
+            check_writable(job["out"].parent)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 
     t0 = time.perf_counter()
     backend, max_pos, tok = build_backend(args, base, lora)
     load_s = time.perf_counter() - t0
     for job in jobs:
-        _run_one(args, job, backend, base, lora, max_pos, tok, load_s)
+        try:
+            _run_one(args, job, backend, base, lora, max_pos, tok, load_s)
+        except OSError as e:  # e.g. the disk filled up
+            raise SystemExit(f"error: {job['name']}: {e}") from None
 
 
 def _plan(args) -> list[dict]:

@@ -36,7 +36,7 @@ import pandas as pd
 
 from vopd.data import RESOURCES, canonical_name, load_benchmark
 from vopd.eval import graders, metrics
-from vopd.io import write_json, write_parquet
+from vopd.io import check_writable, write_json, write_parquet
 
 SAMPLE_COLUMNS = ("problem_id", "sample_idx", "text", "num_tokens", "truncated")
 
@@ -297,6 +297,7 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     try:
+        check_writable(args.out_dir)  # before grading, not after
         bench = load_benchmark(args.benchmark, args.resources)
         if args.gold_check:
             samples, meta = gold_samples(bench), {"gold_check": True}
@@ -310,7 +311,7 @@ def main(argv=None) -> None:
             name=args.benchmark,
             expected_problems=meta.get("num_problems"),
         )
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = summarize(grades, resamples=args.bootstrap, seed=args.seed)
     elapsed = time.perf_counter() - t0
