@@ -46,6 +46,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write (e.g. no space left) names no file
+            raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -83,10 +87,16 @@ def write_parquet(path: str | Path, df) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line, flushed and fsynced; a failed write names ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+        raise
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -105,3 +105,17 @@ def test_read_jsonl_names_the_file_and_line_of_a_malformed_line(tmp_path):
         read_jsonl(path)
     path.write_text('{"step": 1}\n{"ste')  # a torn last line (a killed write) is dropped
     assert read_jsonl(path) == [{"step": 1}]
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from vopd import io
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*summary\.json\)"):
+        io.write_json(tmp_path / "summary.json", {"a": 1})
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
