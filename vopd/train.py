@@ -323,8 +323,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
     """Run (or resume) OPD into ``out``; return done.json. ``stop_after=k`` returns after step k
     without finishing, like a killed job (used by the resume test). The main process holds the
     run directory's lock (vopd.lock) throughout: a second trainer on it refuses, naming this one."""
-    main = dist.from_env().is_main
-    with run_lock(out, "vopd.train") if main else contextlib.nullcontext():
+    lock = run_lock(out, "vopd.train") if dist.from_env().is_main else contextlib.nullcontext()
+    with lock:
         return _train(cfg, Path(out), progress=progress, stop_after=stop_after)
 
 

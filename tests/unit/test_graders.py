@@ -311,6 +311,8 @@ PHRASINGS = [
     ("It is the B-ring that matters.", None, None),
     ("Vitamin B's role is unclear.", None, None),
     ("B is not the correct answer.", None, None),
+    ("Vitamin C is the right choice for scurvy.", None, None),  # a name, not option C
+    ("I think B is the correct answer.", None, "B"),
     ("the value is 2.8 and not 1.4", NUMERIC, None),  # two options named
 ]
 

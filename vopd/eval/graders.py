@@ -285,9 +285,12 @@ _LETTER_PATTERNS = [
         rf"(?i:\b{_ANSWER_NOUN}\b\s*(?:{_COPULA})?(?:\s*,?\s*{_FILLER}\s*,?)?\s*[:=]?\s*"
         rf"(?:option\s*|choice\s*|letter\s*)?)\s*{_L}{_END}"
     ),
-    # B is the correct answer / (B) is the answer / option B would be the best choice
+    # B is the correct answer / (B) is the answer / option B would be the best choice; the
+    # letter starts a clause ("Vitamin C is the right choice" names no option)
     re.compile(
-        rf"(?<![A-Za-z0-9'’])(?i:(?:option|choice)\s+)?{_L}\s+(?i:{_COPULA}|seems\s+to\s+be|"
+        r"(?im:(?:^|[.,:;!?]|\b(?:so|thus|hence|therefore|then|and|that|think|believe|"
+        r"conclude|say)\b)[ \t]*,?[ \t]*)"
+        rf"(?i:(?:option|choice)\s+)?{_L}\s+(?i:{_COPULA}|seems\s+to\s+be|"
         rf"appears\s+to\s+be)\s+(?i:the\s+)?(?i:(?:correct|right|best|final|most\s+"
         rf"(?:likely|plausible|reasonable))\s+)?(?i:answer|option|choice)\b"
     ),
