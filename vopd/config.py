@@ -284,7 +284,9 @@ def _check_types(cfg: TrainConfig) -> None:
                 + (" or null" if type(None) in allowed else "")
             )
         if base is float and not math.isfinite(value):
-            raise ValueError(f"{name}={getattr(cfg, name)!r}: expected a finite number")
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r}: expected a value in (-inf, inf), a finite number"
+            )
         object.__setattr__(cfg, name, value)
 
 
