@@ -9,7 +9,8 @@ Defaults reproduce the official code where it has a setting (holi-lab/vOPD
 lr 1e-5 cosine, no warm-up, no weight decay, AdamW (0.9, 0.999, 1e-8), grad-norm clip 1.0,
 256 prompts x 1 rollout per step, one epoch, T = 1.0 / top_p 1 / top-k off, 2048 completion
 tokens, checkpoints every 20 steps, seed 42, ``kl_top_k: 100``. Loading rejects unknown keys
-(naming the key and the nearest known one) and values of the wrong type or out of range.
+(naming the key and the nearest known one), values of the wrong type or out of range, and NaN or
+infinite values of every float key (range checks alone are False for NaN).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +272,8 @@ def _range(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> No
 
 def _check_types(cfg: TrainConfig) -> None:
     """Coerce YAML/CLI values to the annotated types (int -> float, '1e-5' -> 1e-5) and reject
-    anything else, naming the key."""
+    anything else, naming the key; a float key must be finite (``.nan``, ``inf`` and ``1e999``
+    are rejected here, before any range check, which NaN would pass)."""
     hints = typing.get_type_hints(TrainConfig)
     for name in _FIELDS:
         value, hint = getattr(cfg, name), hints[name]
@@ -288,6 +291,10 @@ def _check_types(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"{name}={getattr(cfg, name)!r}: expected {base.__name__}"
                 + (" or null" if type(None) in allowed else "")
+            )
+        if base is float and not math.isfinite(value):
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r}: expected a value in (-inf, inf), a finite number"
             )
         object.__setattr__(cfg, name, value)
 

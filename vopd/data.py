@@ -3,6 +3,8 @@
     python -m vopd.data prepare --benchmark math500 --out resources/benchmarks/math500.parquet
     python -m vopd.data prepare --benchmark minerva --path minerva.jsonl \\
         --field problem=question --field answer=answer --out resources/benchmarks/minerva.parquet
+    python -m vopd.data prepare --benchmark chemistry --path SciKnowEval/Chemistry/L3/ \\
+        --out resources/benchmarks/chemistry.parquet     # a directory, or several files
     python -m vopd.data list
 
 Schema (the team contract): ``id`` str, ``problem`` str (raw text; for MCQ with the lettered
@@ -14,6 +16,12 @@ KEY=COLUMN`` maps them; official prompts: math ``"{problem}\\n\\nPlease reason s
 put your final answer within \\\\boxed{}."``, MCQ question + lettered choices + a request for JSON
 ``{"answer": "<letter>"}``). Hub loading uses ``datasets``, imported only then; GPQA is gated
 (a clear error without a Hugging Face token). Tests never touch the hub.
+
+Local files must match the benchmark: a layout that identifies another benchmark (SciKnowEval's
+``choices {text, label}`` + ``answerKey`` is chemistry's, GPQA's ``Correct Answer`` columns are
+gpqa_diamond's) is refused, chemistry requires the SciKnowEval layout, and an already-normalised
+file must carry the benchmark's kind and name. ``--path`` takes several files or a directory
+(every .jsonl/.json/.parquet/.csv inside, recursively, in name order), read as one benchmark.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class BenchmarkSpec:
     gold_from_solution: bool = False  # official math500: last \boxed{} of `solution`
     gated: bool = False
     keep: Callable[[dict], bool] | None = None  # row filter (which rows form the benchmark)
+    layout: str | None = None  # a layout of vopd.formats.LAYOUTS that every row must have
 
 
 # fmt: off
@@ -72,7 +81,8 @@ REGISTRY = {s.name: s for s in [
     BenchmarkSpec("gpqa_diamond", "mcq", "fingertap/GPQA-Diamond", "test",
                   aliases=("gpqa_d", "gpqa"), gated=True),
     BenchmarkSpec("chemistry", "mcq", "hicai-zju/SciKnowEval", "test", config="Chemistry",
-                  aliases=("sciknoweval_chemistry",), keep=_sciknoweval_chemistry_mcq),
+                  aliases=("sciknoweval_chemistry",), keep=_sciknoweval_chemistry_mcq,
+                  layout="sciknoweval"),
     BenchmarkSpec("dapo14k", "math", "guanning-ai/dapo14k", "train", aliases=("dapo",)),
 ]}
 # fmt: on
@@ -115,8 +125,8 @@ def read_rows(path: str | Path) -> list[dict]:
             text = f.read()
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:  # JSON lines
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as whole:
+            return _json_lines(path, text, whole)
         if isinstance(data, dict):
             lists = [
                 v
@@ -131,6 +141,57 @@ def read_rows(path: str | Path) -> list[dict]:
     raise ValueError(
         f"{path}: unsupported file type {suffix!r} (expected .jsonl .json .parquet .csv)"
     )
+
+
+def _json_lines(path: Path, text: str, whole: json.JSONDecodeError) -> list[dict]:
+    """Rows of a JSON-lines file; a malformed line is a ValueError naming the file and its line.
+    A file that is not JSON lines either (its first line is no complete JSON value) reports the
+    whole-document error, whose line and column are then the right ones."""
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if not rows:  # not JSON lines: one JSON document with an error in it
+                raise ValueError(
+                    f"{path}: invalid JSON at line {whole.lineno}, column {whole.colno}: "
+                    f"{whole.msg}"
+                ) from None
+            raise ValueError(
+                f"{path}: line {i + 1}: invalid JSON ({e.msg}, column {e.colno}); the lines "
+                "before it are valid JSON lines"
+            ) from None
+    return rows
+
+
+BENCHMARK_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz")
+
+
+def expand_paths(paths: str | Path | list) -> list[Path]:
+    """Files named by ``--path``: each file as given, and every benchmark file inside a
+    directory (recursively, in name order, hidden ones skipped)."""
+    out = []
+    for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.name.endswith(BENCHMARK_SUFFIXES)
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                kinds = ", ".join(BENCHMARK_SUFFIXES)
+                raise ValueError(f"directory {str(p)!r} holds no benchmark file ({kinds})")
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise ValueError("--path: expected at least one file or directory")
+    return out
 
 
 def hf_token() -> str | None:
@@ -248,7 +309,7 @@ def load_benchmark(name_or_path: str, root: str | Path = RESOURCES):
 def prepare(
     name: str,
     *,
-    path: str | None = None,
+    path: str | Path | list | None = None,
     fields: dict | None = None,
     hub_id: str | None = None,
     split: str | None = None,
@@ -256,21 +317,29 @@ def prepare(
     limit: int | None = None,
     root: str | Path = RESOURCES,
 ) -> list[dict]:
-    """Normalised rows of benchmark ``name`` from ``path`` (local) or from the hub."""
+    """Normalised rows of benchmark ``name`` from ``path`` (local: a file, a directory, or a list
+    of them, read as one benchmark) or from the hub."""
     canon = canonical_name(name)
     if canon is None:
         raise ValueError(f"unknown benchmark {name!r}: expected one of {_known()}")
     if canon in TOY_BENCHMARKS:
-        src = Path(path) if path else benchmark_path(canon, root)
+        files = expand_paths(path) if path else [benchmark_path(canon, root)]
+        if len(files) != 1:
+            raise ValueError(f"{canon}: expected one Parquet file, got {len(files)}")
+        src = files[0]
         df = load_benchmark(str(src))
         return df.head(limit).to_dict(orient="records") if limit else df.to_dict(orient="records")
     spec = REGISTRY[canon]
     if path:
-        rows, source = read_rows(path), f"{canon} (local {Path(path).name})"
+        files = expand_paths(path)
+        rows = [row for f in files for row in read_rows(f)]
+        names = files[0].name if len(files) == 1 else f"{len(files)} files, {files[0].name}..."
+        source = f"{canon} (local {names})"
         if rows and all(c in rows[0] for c in ("id", "prompt", "answer", "kind")):
             import pandas as pd  # already normalised: validate and pass through
 
             df = validate(pd.DataFrame(rows), str(path))
+            _check_normalised(df, spec, str(path))
             return (
                 df.head(limit).to_dict(orient="records") if limit else df.to_dict(orient="records")
             )
@@ -279,6 +348,25 @@ def prepare(
         config = config if config is not None else spec.config
         rows, source = read_hub(spec, hub_id, split, config), f"{canon} ({hub_id}, {split})"
     return normalize(rows, spec, fields=fields, source=source, limit=limit)
+
+
+def _check_normalised(df, spec: BenchmarkSpec, where: str) -> None:
+    """An already-normalised file must be of the benchmark's kind and, where its ``source``
+    names a registered benchmark, of that benchmark."""
+    kinds = sorted(set(df["kind"]))
+    if kinds != [spec.kind]:
+        raise ValueError(
+            f"{where}: a normalised benchmark of kind {kinds}, but {spec.name!r} is {spec.kind}: "
+            "check --benchmark and --path"
+        )
+    if "source" in df:
+        named = {canonical_name(str(s).split(" ")[0]) for s in df["source"] if str(s).strip()}
+        other = sorted(n for n in named if n is not None and n != spec.name)
+        if other:
+            raise ValueError(
+                f"{where}: a normalised benchmark of {other} (its source column), not "
+                f"{spec.name!r}: check --benchmark and --path"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +388,11 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="normalise one benchmark to Parquet")
     p.add_argument("--benchmark", required=True, help=f"one of {_known()}")
-    p.add_argument("--path", help="local .jsonl/.json/.parquet/.csv instead of the hub")
+    p.add_argument(
+        "--path",
+        nargs="+",
+        help="local .jsonl/.json/.parquet/.csv file(s) or a directory of them, instead of the hub",
+    )
     p.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN")
     p.add_argument("--hub-id", help="override the hub dataset id")
     p.add_argument("--split")
@@ -330,7 +422,10 @@ def main(argv=None) -> None:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    write_benchmark(rows, args.out)
+    try:
+        write_benchmark(rows, args.out)
+    except OSError as e:  # e.g. a read-only output directory
+        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
     kinds = sorted({r["kind"] for r in rows})
     print(f"{'benchmark':12s} {'rows':>6s}  kind  out", file=sys.stderr)
     print(f"{args.benchmark:12s} {len(rows):6d}  {','.join(kinds):4s}  {args.out}", file=sys.stderr)

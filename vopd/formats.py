@@ -73,6 +73,12 @@ def _field(row: dict, key: str, candidates, fields: dict, where: str, required=T
                 continue  # e.g. a chat-format `prompt` list: not the problem text
             return value
     if required:
+        empty = [c for c in candidates if c in row and not _present(row[c])]
+        if empty:
+            raise ValueError(
+                f"{where}: the {key} field {empty[0]!r} is empty (looked for "
+                f"{', '.join(candidates)}); give it a value or pass --field {key}=COLUMN"
+            )
         raise ValueError(
             f"{where}: no {key} field (looked for {', '.join(candidates)}); fields "
             f"present: {sorted(row)}; pass --field {key}=COLUMN"
@@ -240,6 +246,54 @@ def _mcq_row(row: dict, spec, fields: dict, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Layouts that identify their benchmark: a file in one of them is that benchmark's only
+
+
+def _sciknoweval(row: dict) -> bool:
+    choices = row.get("choices")
+    return isinstance(choices, dict) and "text" in choices and "answerKey" in row
+
+
+def _gpqa_upstream(row: dict) -> bool:
+    return "Correct Answer" in row and "Incorrect Answer 1" in row
+
+
+# layout -> (test, description, the benchmark whose layout it is)
+LAYOUTS = {
+    "sciknoweval": (
+        _sciknoweval,
+        "SciKnowEval layout (choices {text, label} + answerKey)",
+        "chemistry",
+    ),
+    "gpqa_upstream": (
+        _gpqa_upstream,
+        "upstream GPQA layout (Correct Answer + Incorrect Answer 1..3)",
+        "gpqa_diamond",
+    ),
+}
+
+
+def check_layout(rows: list[dict], spec, source: str = "", *, required: bool = True) -> None:
+    """Refuse rows whose layout belongs to another benchmark (a SciKnowEval file given as
+    ``--benchmark gpqa_diamond``), or (``required``) that lack the layout ``spec.layout``
+    requires."""
+    where = f" from {source}" if source else ""
+    for i, row in enumerate(rows):
+        for test, desc, owner in LAYOUTS.values():
+            if owner != spec.name and test(row):
+                raise ValueError(
+                    f"{spec.name} row {i}{where} has the {desc} of benchmark {owner!r}, not "
+                    f"{spec.name!r}: check --benchmark and --path"
+                )
+        layout = getattr(spec, "layout", None)
+        if required and layout and not LAYOUTS[layout][0](row):
+            raise ValueError(
+                f"{spec.name} row {i}{where} does not have the {LAYOUTS[layout][1]} of "
+                f"{spec.name!r}; fields present: {sorted(row)}: check --benchmark and --path"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # Whole benchmarks
 
 
@@ -264,6 +318,7 @@ def normalize(
         rows = rows[:limit]
     if not rows:
         raise ValueError(f"benchmark {spec.name!r} from {source or 'its source'} has no rows")
+    check_layout(rows, spec, source, required=not fields)  # a field map: the user's layout
     out, seen = [], set()
     for i, row in enumerate(rows):
         row = _unwrap_rl_layout(row)

@@ -46,9 +46,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write (e.g. no space left) names no file
+            raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write a probe file into it: an OSError that names the
+    folder (read-only, a file in the way, no space), before any long work starts. (Permission
+    bits alone do not tell: root writes into read-only directories.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        error = OSError(f"cannot write into {folder}: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -68,14 +87,21 @@ def write_parquet(path: str | Path, df) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line, flushed and fsynced; a failed write names ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+        raise
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file, skipping a torn (partially written) last line."""
+    """Read a JSONL file, skipping a torn (partially written) last line. A malformed line
+    elsewhere is a ValueError naming the file and the line number."""
     rows = []
     with open(path) as f:
         lines = f.read().splitlines()
@@ -84,10 +110,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(
+                f"{path}: line {i + 1}: invalid JSON ({e.msg}, column {e.colno})"
+            ) from None
     return rows
 
 

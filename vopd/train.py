@@ -35,6 +35,7 @@ the same numbers as an uninterrupted run (CPU, same seed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -56,6 +57,7 @@ from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
 from vopd.gradstats import adam_moment_proxy
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
+from vopd.lock import run_lock
 from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the seams)
 from vopd.models import load_model, load_tokenizer, resolve_model_path
 from vopd.rollout import SamplingParams
@@ -187,10 +189,14 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def _check_run_dir(cfg: TrainConfig, out: Path) -> None:
-    """A rerun must use the config the run directory was started with (read-only check)."""
+    """A rerun must use the config the run directory was started with (read-only check). A run
+    that never saved a checkpoint holds nothing to protect: its config.yaml is replaced."""
     path = out / "config.yaml"
-    if path.exists():
-        old = load_config(path)
+    if path.exists() and ckpt.list_checkpoints(out):
+        try:
+            old = load_config(path)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a valid run config ({e}): delete {out}") from None
         diff = {k: (v, getattr(cfg, k)) for k, v in old.to_dict().items() if v != getattr(cfg, k)}
         if diff:
             raise ValueError(
@@ -201,7 +207,7 @@ def _check_run_dir(cfg: TrainConfig, out: Path) -> None:
 
 def _init_run_dir(cfg: TrainConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.yaml").exists():
+    if not (out / "config.yaml").exists() or not ckpt.list_checkpoints(out):
         write_json(out / "env.json", environment())
         write_text(out / "config.yaml", dump_config(cfg))
 
@@ -305,7 +311,7 @@ def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler, mai
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     if main:
-        rows = [r for r in read_jsonl(metrics) if r["step"] <= state["step"]]
+        rows = ckpt.metrics_rows(metrics, state["step"])  # steps 1..N exactly, or a clear error
         write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))  # drop the lost tail
         append_jsonl(out / "resumes.jsonl", {"from_step": state["step"], "time": time.time()})
     return state["step"]
@@ -313,8 +319,14 @@ def _start(out: Path, resume, cfg, student, tokenizer, optimizer, scheduler, mai
 
 def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_after=None) -> dict:
     """Run (or resume) OPD into ``out``; return done.json. ``stop_after=k`` returns after step k
-    without finishing, like a killed job (used by the resume test)."""
-    out = Path(out)
+    without finishing, like a killed job (used by the resume test). The main process holds the
+    run directory's lock (vopd.lock) throughout: a second trainer on it refuses, naming this one."""
+    lock = run_lock(out, "vopd.train") if dist.from_env().is_main else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, Path(out), progress=progress, stop_after=stop_after)
+
+
+def _train(cfg: TrainConfig, out: Path, *, progress: bool, stop_after) -> dict:
     if (out / "done.json").exists():
         return json.loads((out / "done.json").read_text())
     prompts = load_prompts(cfg)
@@ -327,7 +339,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         )
     device = dist.init(cfg.device)[1] if rank.enabled else pick_device(cfg)
     _check_run_dir(cfg, out)
-    resume = dist.broadcast_object(ckpt.latest_resumable(out))  # rank 0's view, for everyone
+    resume = ckpt.latest_resumable(out, metrics=out / "metrics.jsonl")  # metrics cover it
+    resume = dist.broadcast_object(resume)  # rank 0's view, for everyone
     lora = cfg.finetune == "lora"  # a LoRA checkpoint is an adapter on cfg.student
     student, teacher, tokenizer, V = load_models(
         cfg, str(resume or cfg.student) if not lora else cfg.student, device,
@@ -393,7 +406,7 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         done = train(cfg, args.out, progress=not args.no_progress)
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:  # OSError: e.g. a read-only --out
         raise SystemExit(f"error: {e}") from None
     finally:
         dist.shutdown()

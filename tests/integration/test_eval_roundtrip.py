@@ -125,6 +125,8 @@ def test_generate_then_grade(toy, tmp_path, capsys):
         "extracted",
         "correct",
         "timed_out",
+        "grader_error",
+        "flagged",
         "format_ok",
     ]
 
@@ -216,6 +218,42 @@ def test_killed_generation_resumes(toy, tmp_path):
     pd.testing.assert_frame_equal(resumed, clean)  # per-chunk seeds: identical to a clean run
 
 
+def test_resume_never_reuses_chunks_of_other_weights_at_the_same_path(toy, tmp_path, monkeypatch):
+    """Chunks saved for one model are discarded when other weights are saved at the same path
+    (issue 14: the resume fingerprint covered the model path, not its weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, bench = toy
+    same_path = tmp_path / "model"
+    shutil.copytree(model, same_path)
+    out = tmp_path / "eval" / "samples.parquet"
+    parts = out.parent / f".{out.name}.parts"
+    args = ["--n", "2", "--limit", "4", "--chunk-size", "2", "--seed", "5"]
+
+    def killed(*a, **k):  # dies after every chunk was saved, before the final file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "write_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(same_path, bench, out, *args)
+    monkeypatch.undo()
+    chunk = parts / "chunk00000.parquet"
+    first = pd.read_parquet(chunk)
+    first["text"] = "REUSED " + first["text"]
+    first.to_parquet(chunk, index=False)
+
+    other = AutoModelForCausalLM.from_pretrained(same_path)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    other.save_pretrained(same_path)  # same path, same config, other weights
+    _gen(same_path, bench, out, *args)
+    assert not pd.read_parquet(out)["text"].str.startswith("REUSED ").any()
+
+
 def test_generate_bad_input_fails_before_loading_a_model(toy, tmp_path):
     model, bench = toy
     out = str(tmp_path / "s.parquet")
@@ -283,3 +321,39 @@ def test_lora_adapter_with_the_hf_backend(toy, tmp_path):
     assert (lora["text"] != base["text"]).any()  # the adapter is applied
     meta = json.loads(pq.read_schema(tmp_path / "lora.parquet").metadata[b"vopd"])
     assert meta["lora"] == str(adapter) and meta["base"] == str(model_dir)
+
+
+def test_grade_refuses_samples_covering_fewer_problems_than_generated(toy, tmp_path):
+    """Issue 14: a samples file covering 8 of 16 problems was graded into a summary that looked
+    complete; its metadata holds the count that was generated."""
+    _, bench = toy
+    ids = list(pd.read_parquet(bench)["id"])[:16]
+    rows = [
+        {"problem_id": pid, "sample_idx": 0, "text": "\\boxed{1}", "num_tokens": 3,
+         "truncated": False, "prompt": "p"}
+        for pid in ids[:8]
+    ]  # fmt: skip
+    s = tmp_path / "s.parquet"
+    generate.write_samples(rows, s, {"num_problems": 16})
+    with pytest.raises(SystemExit, match="cover 8 problems but their metadata says 16"):
+        grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "summary.json").exists()
+    generate.write_samples(rows, s, {"num_problems": 8})  # complete: graded
+    grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "summary.json").read_text())["num_problems"] == 8
+
+
+def test_an_unwritable_out_fails_before_any_work(toy, tmp_path):
+    """A read-only or blocked output directory is a one-line error, not an OSError traceback
+    after the sampling or grading."""
+    model, bench = toy
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    with pytest.raises(SystemExit, match=rf"error: cannot write into {blocker / 'eval'}"):
+        _gen(model, bench, blocker / "eval" / "samples.parquet")
+    s = tmp_path / "s.parquet"
+    rows = [{"problem_id": "x", "sample_idx": 0, "text": "", "num_tokens": 0,
+             "truncated": False, "prompt": "p"}]  # fmt: skip
+    generate.write_samples(rows, s, {})
+    with pytest.raises(SystemExit, match=rf"error: cannot write into {blocker}"):
+        grade.main(["--samples", str(s), "--benchmark", str(bench), "--out-dir", str(blocker)])

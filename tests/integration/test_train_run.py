@@ -81,7 +81,8 @@ def test_run_directory_contract(run_config, tmp_path, capsys):
         d = run / "checkpoints" / f"step{step}"
         assert (d / "config.json").exists() and (d / "tokenizer.json").exists()
     assert (run / "checkpoints" / "step3" / "trainer_state.pt").exists()
-    assert not (run / "checkpoints" / "step2" / "trainer_state.pt").exists()  # pruned
+    assert (run / "checkpoints" / "step2" / "trainer_state.pt").exists()  # the fallback
+    assert not (run / "checkpoints" / "step0" / "trainer_state.pt").exists()  # pruned
     # step0 is the initial student, bit for bit
     init = load_file(Path(load_config(run / "config.yaml").student) / "model.safetensors")
     assert all(torch.equal(init[k], _weights(run, 0)[k]) for k in init)
@@ -213,3 +214,104 @@ def test_nan_loss_stops_the_run_naming_step_and_estimator(run_config, tmp_path, 
         main(["--config", str(config), "--out", str(run), "--no-progress"])
     assert not (run / "done.json").exists() and not (run / "metrics.jsonl").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"] == str(bad)
+
+
+def test_nan_lr_fails_before_anything_is_written(run_config, tmp_path):
+    _fails(run_config, tmp_path, "lr=nan: expected a value in .*a finite number", lr=float("nan"))
+    _fails(run_config, tmp_path, "max_grad_norm=inf: expected a value in .*a finite number",
+           max_grad_norm=float("inf"))  # fmt: skip
+
+
+def test_a_run_that_never_checkpointed_does_not_pin_its_config(run_config, tmp_path):
+    """A directory whose run failed before step 0 was saved holds nothing to protect: a rerun
+    with a corrected config is not refused as 'a different config'."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({**load_config(run_config()).to_dict(),
+                                                     "lr": 0.5}))  # fmt: skip
+    main(["--config", str(run_config(max_steps=1)), "--out", str(run), "--no-progress"])
+    assert load_config(run / "config.yaml").lr == 1e-3 and (run / "done.json").exists()
+
+
+def test_an_unwritable_out_is_a_clear_error(run_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match=rf"error: .*{blocker}"):
+        main(["--config", str(run_config()), "--out", str(blocker / "run"), "--no-progress"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory: one writer, a damaged newest checkpoint, a cut metrics.jsonl.
+
+
+def _cut_run(run_config, tmp_path, steps=6):
+    cfg = load_config(run_config(max_steps=steps, save_every=2))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg, full, progress=False)
+    train(cfg, cut, progress=False, stop_after=4)  # checkpoints 0, 2, 4; states at 2 and 4
+    return cfg, full, cut
+
+
+def test_a_second_trainer_refuses_a_live_run_and_a_killed_ones_lock_does_not_block(
+    run_config, tmp_path
+):
+    config = run_config(max_steps=400, save_every=5)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vopd.train", "--config", str(config), "--out", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            if (run / "metrics.jsonl").exists() and len(read_jsonl(run / "metrics.jsonl")) >= 2:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second one started"
+        second = subprocess.run([*cmd, "lr=2e-3"], env=env, capture_output=True, text=True)
+        assert second.returncode != 0
+        assert f"is in use by vopd.train (pid {first.pid} on host" in second.stderr
+        assert first.poll() is None  # the live run goes on, untouched
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel released the killed run's lock: the same command resumes
+    resumed = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "resumes.jsonl").exists():
+        time.sleep(0.05)
+    resumed.kill()
+    err = resumed.communicate()[1].decode()
+    assert (run / "resumes.jsonl").exists(), err
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no mixed or repeated steps
+
+
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors"])
+def test_a_truncated_newest_checkpoint_resumes_from_the_previous(
+    run_config, tmp_path, capsys, damaged
+):
+    cfg, full, cut = _cut_run(run_config, tmp_path)
+    path = cut / "checkpoints" / "step4" / damaged
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    train(cfg, cut, progress=False)
+    assert str(path) in capsys.readouterr().err
+    assert read_jsonl(cut / "resumes.jsonl")[0]["from_step"] == 2
+    _assert_same_run(full, cut, 6)
+
+
+def test_a_cut_metrics_file_resumes_from_a_covered_checkpoint_or_refuses(run_config, tmp_path):
+    cfg, full, cut = _cut_run(run_config, tmp_path)
+    metrics = cut / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # cut in line 4
+    train(cfg, cut, progress=False)  # steps 1..3 survive: resume from step 2, not 4
+    assert read_jsonl(cut / "resumes.jsonl")[0]["from_step"] == 2
+    _assert_same_run(full, cut, 6)
+    # cut before the oldest kept resume state: refused, nothing finished
+    other = tmp_path / "other"
+    train(cfg, other, progress=False, stop_after=4)
+    (other / "metrics.jsonl").write_text(lines[0] + lines[1][:10])
+    with pytest.raises(ValueError, match=r"metrics\.jsonl holds steps 1\.\.1 contiguously"):
+        train(cfg, other, progress=False)
+    assert not (other / "done.json").exists()

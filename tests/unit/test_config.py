@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,33 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ValueError, match="override 'lr': expected key=value"):
         parse_overrides(["lr"])
+
+
+FLOAT_KEYS = [
+    name
+    for name, hint in typing.get_type_hints(TrainConfig).items()
+    if float in (typing.get_args(hint) or (hint,))
+]
+
+
+@pytest.mark.parametrize("value", [".nan", "inf", "-.inf", "1e999"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_nan_and_inf_are_rejected_for_every_float_key(key, value):
+    """Range checks are False for NaN, so NaN used to pass (issue 14: lr=.nan poisoned the run
+    directory, lr=inf died at step 2 in the sampler)."""
+    with pytest.raises(
+        ValueError, match=rf"^{key}=.*: expected a value in \(-inf, inf\), a finite number"
+    ):
+        load_config(TOY, [f"{key}={value}", "estimator=sample_opd"])
+
+
+def test_every_float_key_is_covered():
+    assert {"lr", "max_grad_norm", "temperature", "top_p", "reward_clip_lambda"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_rollout_sampler_rejects_a_non_finite_temperature(value):
+    from vopd.rollout import SamplingParams
+
+    with pytest.raises(ValueError, match=r"temperature=(nan|inf): expected a finite value"):
+        SamplingParams(temperature=value)

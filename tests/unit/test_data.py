@@ -301,3 +301,85 @@ def test_rl_parquet_layout_unwraps():
     ]
     (row,) = data.normalize(rows, data.REGISTRY["dapo14k"])
     assert row["problem"] == "1+1?" and row["answer"] == "2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of another benchmark, several files, malformed files (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("name", "fixture", "message"),
+    [
+        ("gpqa_diamond", "chemistry.jsonl", "SciKnowEval layout .* of benchmark 'chemistry'"),
+        ("gpqa", "chemistry.jsonl", "SciKnowEval layout .* of benchmark 'chemistry'"),
+        ("math500", "chemistry.jsonl", "not 'math500'"),
+        ("chemistry", "gpqa_diamond_upstream.csv", "upstream GPQA layout .* 'gpqa_diamond'"),
+        ("chemistry", "gpqa_diamond.jsonl", "does not have the SciKnowEval layout"),
+    ],
+)
+def test_a_file_of_another_benchmark_is_refused(name, fixture, message):
+    with pytest.raises(ValueError, match=message):
+        _prepare(name, fixture)
+
+
+def test_a_normalised_file_of_another_benchmark_is_refused(tmp_path):
+    chem = tmp_path / "chemistry.parquet"
+    data.write_benchmark(data.prepare("chemistry", path=str(FIXTURES / "chemistry.jsonl")), chem)
+    with pytest.raises(ValueError, match=r"normalised benchmark of \['chemistry'\]"):
+        data.prepare("gpqa_diamond", path=str(chem))
+    with pytest.raises(ValueError, match=r"of kind \['mcq'\], but 'amc23' is math"):
+        data.prepare("amc23", path=str(chem))
+    with pytest.raises(SystemExit, match="SciKnowEval layout"):
+        data.main(["prepare", "--benchmark", "gpqa", "--path", str(FIXTURES / "chemistry.jsonl"),
+                   "--out", str(tmp_path / "g.parquet")])  # fmt: skip
+    assert not (tmp_path / "g.parquet").exists()
+
+
+def test_path_takes_several_files_or_a_directory(tmp_path, capsys):
+    """SciKnowEval chemistry L3 ships as several files: --path takes them all, or their folder."""
+    lines = (FIXTURES / "chemistry.jsonl").read_text().splitlines(keepends=True)
+    folder = tmp_path / "SciKnowEval" / "Chemistry" / "L3"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(lines[:2]))
+    (folder / "sub" / "b.jsonl").write_text("".join(lines[2:]))
+    (folder / "README.md").write_text("not a benchmark file")
+    whole = data.prepare("chemistry", path=str(FIXTURES / "chemistry.jsonl"))
+    strip = [{k: v for k, v in r.items() if k != "source"} for r in whole]
+    for path in (str(folder), [str(folder / "a.jsonl"), str(folder / "sub" / "b.jsonl")]):
+        rows = data.prepare("chemistry", path=path)
+        assert [{k: v for k, v in r.items() if k != "source"} for r in rows] == strip
+    out = tmp_path / "chem.parquet"
+    files = [str(folder / "a.jsonl"), str(folder / "sub" / "b.jsonl")]
+    data.main(["prepare", "--benchmark", "chemistry", "--path", *files, "--out", str(out)])
+    assert len(data.load_benchmark(str(out))) == len(whole)
+    (folder / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no benchmark file"):
+        data.prepare("chemistry", path=str(folder / "empty"))
+
+
+def test_json_errors_name_the_file_and_the_line(tmp_path):
+    jsonl = tmp_path / "b.jsonl"
+    good = json.dumps({"problem": "1+1", "answer": "2"})
+    jsonl.write_text(f"{good}\n{good}\n{{bad json\n{good}\n")
+    with pytest.raises(ValueError, match=rf"{jsonl}: line 3: invalid JSON"):
+        data.read_rows(jsonl)
+    doc = tmp_path / "b.json"
+    doc.write_text('[\n  {"problem": "1+1",\n   "answer": "2"},\n  {"problem": oops}\n]\n')
+    with pytest.raises(ValueError, match=rf"{doc}: invalid JSON at line 4, column 15"):
+        data.read_rows(doc)
+
+
+def test_an_empty_answer_field_is_named_as_empty(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps({"problem": "2+2?", "answer": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: the answer field 'answer' is empty"):
+        data.prepare("amc23", path=str(path))
+
+
+def test_an_unwritable_out_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "amc23.parquet"
+    with pytest.raises(SystemExit, match=rf"error: cannot write {out}"):
+        data.main(["prepare", "--benchmark", "amc23", "--path", str(FIXTURES / "amc23.jsonl"),
+                   "--out", str(out)])  # fmt: skip

@@ -116,15 +116,56 @@ def test_grade_math_batch_and_pathological_timeout():
     ]
     t0 = time.perf_counter()
     out = grade_math(pairs, timeout_s=1.0, workers=2)
-    assert out == [
-        (True, False),
-        (True, False),
-        (False, True),
-        (False, False),
-        (True, False),
-        (False, False),
+    assert [(v.correct, v.timed_out, v.error) for v in out] == [
+        (True, False, None),
+        (True, False, None),
+        (False, True, None),
+        (False, False, None),
+        (True, False, None),
+        (False, False, None),
     ]
+    assert [v.flagged for v in out] == [False, False, True, False, False, False]
     assert time.perf_counter() - t0 < 30
+
+
+def test_an_integer_beyond_the_int_string_limit_flags_that_sample_only():
+    """Issue 14: a >4300-digit integer answer (a looping ``\\boxed{1111...}``) made ``int()``
+    raise in the main process and the whole grading exit 1."""
+    huge = "1" * 5000
+    out = grade_math([("42", huge), ("42", "42"), ("7", "8"), (huge, huge)], timeout_s=5.0)
+    assert not out[0].correct and out[0].flagged and "int-string limit" in out[0].error
+    assert [(v.correct, v.flagged) for v in out[1:]] == [
+        (True, False),
+        (False, False),
+        (True, False),
+    ]
+
+
+def test_grade_marks_a_huge_integer_sample_wrong_and_flagged_and_grades_the_rest():
+    import pandas as pd
+
+    from vopd.eval.grade import grade, summarize
+
+    bench = pd.DataFrame(
+        {"id": ["p0", "p1"], "kind": "math", "answer": ["42", "7"], "prompt": "q", "problem": "q"}
+    )
+    texts = [f"\\boxed{{{'1' * 5000}}}", "\\boxed{42}", "\\boxed{7}", "\\boxed{8}"]
+    samples = pd.DataFrame(
+        {
+            "problem_id": ["p0", "p0", "p1", "p1"],
+            "sample_idx": [0, 1, 0, 1],
+            "text": texts,
+            "num_tokens": 1,
+            "truncated": False,
+        }
+    )
+    grades = grade(samples, bench, workers=1)
+    assert list(grades["correct"]) == [False, True, True, False]
+    assert list(grades["flagged"]) == [True, False, False, False]
+    assert "int-string limit" in grades["grader_error"][0] and not grades["timed_out"].any()
+    summary = summarize(grades)
+    assert summary["num_grader_errors"] == 1 and summary["num_flagged"] == 1
+    assert summary["avg@2"] == 0.5
 
 
 def test_timeout_pool_hard_kill_replaces_a_stuck_worker():
@@ -227,3 +268,85 @@ def test_gold_completion_mcq_and_bad_kind():
     assert extract_choice(gold_completion("mcq", "C")) == "C"
     with pytest.raises(ValueError, match="kind"):
         gold_completion("code", "x")
+
+
+# The phrasings of issue 14 (real GPQA-Diamond / SciKnowEval completions read as "no answer"),
+# numeric options shorter than 4 characters, and what must stay "no answer".
+NUMERIC = ["1.4", "2.8", "0.7", "-0.7"]
+PHRASINGS = [
+    # (completion, choices or None for A-D, expected letter or None)
+    ("The correct answer is therefore B.", None, "B"),
+    ("I would choose B.", None, "B"),
+    (r"The answer is $\text{B}$", None, "B"),
+    ("Answer: $B$", None, "B"),
+    ("Therefore, B is the correct answer.", None, "B"),
+    ("(B) is the answer.", None, "B"),
+    ("So the answer is, therefore, (D).", None, "D"),
+    ("Option C is the best choice here.", None, "C"),
+    ("I select **C**.", None, "C"),
+    (r"The final answer is \textbf{A}.", None, "A"),
+    ("After all this, I would choose A because it fits.", None, "A"),
+    ("Between A and B, B is the correct answer.", None, "B"),
+    ("The answer is B. Wait, no: the answer is C.", None, "C"),  # a correction: the last wins
+    ("B. 2.8", NUMERIC, "B"),
+    ("C. 0.7", NUMERIC, "C"),
+    ("2.8", NUMERIC, "B"),
+    ("The answer is 2.8", NUMERIC, "B"),
+    ("The answer is 2.80.", NUMERIC, "B"),  # the same number
+    (r"so the splitting is \boxed{-0.7}", NUMERIC, "D"),
+    ("Answer: 0.7 eV", ["0.7 eV", "7 eV", "70 eV", "0.07 eV"], "A"),
+    # no answer: ambiguous, conflicting, or not a letter at all
+    ("C. 2.8", NUMERIC, None),  # option C is 0.7: the letter and the text disagree
+    ("The answer is 12.8", NUMERIC, None),  # 2.8 is not in 12.8
+    ("Computing, the value is 2.80 or so.", NUMERIC, None),
+    ("A. 1.4\nB. 2.8\nC. 0.7\nD. -0.7", NUMERIC, None),  # the options echoed
+    ("The answer is B or C.", None, None),
+    ("The answer is B/C", None, None),
+    ("Answer: (A) and (D)", None, None),
+    ("Either A or B could be right.", None, None),
+    ("B and C are both correct.", None, None),
+    ("I would choose a different approach.", None, None),
+    ("I would choose A different approach here.", None, None),  # the article, capitalised
+    ("The answer is not clear.", None, None),
+    ("It is the B-ring that matters.", None, None),
+    ("Vitamin B's role is unclear.", None, None),
+    ("B is not the correct answer.", None, None),
+    ("Vitamin C is the right choice for scurvy.", None, None),  # a name, not option C
+    ("I think B is the correct answer.", None, "B"),
+    ("the value is 2.8 and not 1.4", NUMERIC, None),  # two options named
+]
+
+
+@pytest.mark.parametrize(("text", "choices", "expected"), PHRASINGS)
+def test_extract_choice_phrasings(text, choices, expected):
+    assert extract_choice(text, choices=choices) == expected
+
+
+def test_grade_reads_mcq_in_workers_and_counts_no_answer_as_wrong():
+    import pandas as pd
+
+    from vopd.eval.grade import grade
+
+    bench = pd.DataFrame(
+        {
+            "id": ["q0", "q1"],
+            "kind": "mcq",
+            "answer": ["B", "C"],
+            "choices": [NUMERIC, NUMERIC],
+            "prompt": "q",
+            "problem": "q",
+        }
+    )
+    samples = pd.DataFrame(
+        {
+            "problem_id": ["q0", "q0", "q1", "q1"],
+            "sample_idx": [0, 1, 0, 1],
+            "text": ["I would choose B.", "The answer is B or C.", "C. 0.7", '{"answer": "A"}'],
+            "num_tokens": 1,
+            "truncated": False,
+        }
+    )
+    grades = grade(samples, bench, workers=1)
+    assert list(grades["extracted"]) == ["B", None, "C", "A"]
+    assert list(grades["correct"]) == [True, False, True, False]
+    assert not grades["flagged"].any()

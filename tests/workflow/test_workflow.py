@@ -11,6 +11,7 @@ non-ignored files), as a fresh clone would, with that copy first on PYTHONPATH.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,17 @@ def test_lint_is_clean():
     proc = snakemake("--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_docs_results_are_not_ignored_but_results_are():
+    """The README's figure lives in docs/results/; an unanchored `results/` ignore rule hid it
+    (issue 14: the main figure was a broken image)."""
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+    assert not ignored("docs/results/accuracy.png") and not ignored("docs/results/accuracy.md")
+    assert ignored("results/toy/report.md")
 
 
 def test_schema_names_every_registered_estimator():
@@ -164,14 +176,105 @@ def bad_config(tmp_path, edit) -> Path:
             lambda c: c["eval"]["benchmarks"]["toy_hard"].update(sampling={"backend": "vllm"}),
             "'eval.benchmarks.toy_hard.sampling.backend'",
         ),
+        (
+            lambda c: c["eval"]["sampling"].update(temperature=float("nan")),
+            "config key 'eval.sampling.temperature' = nan: expected a finite number",
+        ),
+        (
+            lambda c: c["eval"]["benchmarks"]["toy_test"].update(
+                sampling={"temperature": float("inf")}
+            ),
+            "config key 'eval.benchmarks.toy_test.sampling.temperature' = inf",
+        ),
     ],
-    ids=["estimator", "key", "type", "option", "range", "step", "toy-benchmark", "backend"],
+    ids=[
+        "estimator",
+        "key",
+        "type",
+        "option",
+        "range",
+        "step",
+        "toy-benchmark",
+        "backend",
+        "nan",
+        "inf",
+    ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     proc = snakemake("-n", "--configfile", str(bad_config(tmp_path, edit)), check=False)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Building DAG of jobs" not in proc.stdout + proc.stderr
+
+
+def hub_config(tmp_path, edit) -> Path:
+    cfg = yaml.safe_load((REPO / "config/small.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c, bad: c["train"].update(prompts=bad),
+        lambda c, bad: c.update(experiment=bad),
+        lambda c, bad: c["eval"]["benchmarks"].update({bad: {}}),
+        lambda c, bad: c["eval"].update(args={bad: 1}),
+        lambda c, bad: c["train"].update(overrides={bad: 1}),
+    ],
+    ids=["train.prompts", "experiment", "benchmark", "flag", "override"],
+)
+@pytest.mark.parametrize("kind", ["shell", "traversal"])
+def test_names_with_shell_syntax_or_paths_fail_at_parse_time(tmp_path, edit, kind):
+    """Names that become paths, wildcards or flags are validated by the schema (issue 14: a
+    `train.prompts` of ``x`touch /tmp/pwned` `` reached the prepare_benchmark shell command, and
+    ``../../../../../tmp/x`` wrote its log outside the repository)."""
+    marker = tmp_path / "pwned"
+    bad = f"x`touch {marker}`" if kind == "shell" else "../../../../../tmp/x"
+    proc = snakemake("-n", "--configfile", str(hub_config(tmp_path, lambda c: edit(c, bad))),
+                     check=False)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not match" in out, out
+    assert "Building DAG of jobs" not in out
+    assert not marker.exists()
+
+
+def shell_commands(*args) -> list[list[str]]:
+    """The shell commands of a dry run (-p), each split into words as the shell would."""
+    out = snakemake(*args, "-n", "-p", "--forceall").stdout
+    prefix = "Shell command: "
+    return [
+        shlex.split(line[len(prefix) :]) for line in out.splitlines() if line.startswith(prefix)
+    ]
+
+
+def test_paths_with_spaces_and_quotes_reach_the_commands_as_one_word(tmp_path):
+    """Every value that reaches a `shell:` command is quoted: a training config and benchmark
+    files whose paths hold spaces and quotes arrive as single arguments."""
+    folder = tmp_path / "my dir"
+    folder.mkdir()
+    train_config = folder / "train config.yaml"
+    shutil.copy(REPO / "config/train/small.yaml", train_config)
+    files = [str(folder / "part 1.jsonl"), str(tmp_path / "it's.jsonl")]
+
+    def edit(c):
+        c["train"]["config"] = str(train_config)
+        c["eval"]["benchmarks"]["math500"]["path"] = files
+
+    commands = shell_commands("--configfile", str(hub_config(tmp_path, edit)))
+    train = [c for c in commands if "vopd.train" in c]
+    assert train and all(c[c.index("--config") + 1] == str(train_config) for c in train)
+    prepare = next(c for c in commands if "prepare" in c and "math500" in c)
+    start = prepare.index("--path") + 1
+    assert prepare[start : start + 2] == files and prepare[start + 2] == "--out"
+
+
+def test_train_overrides_may_be_left_out(tmp_path):
+    """The schema default of train.overrides applies (issue 14: KeyError 'overrides')."""
+    config = bad_config(tmp_path, lambda c: c["train"].pop("overrides"))
+    assert "train" in planned_jobs("--configfile", str(config))
 
 
 # ---- the smoke run ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ Output rows: ``problem_id, sample_idx, text, num_tokens, truncated, prompt``; ``
 counts completion tokens including a final EOS. The settings, the environment and timings ride
 in the Parquet metadata (key ``vopd``), which ``vopd.eval.grade`` copies into summary.json. Work
 is done in chunks of problems saved under ``.{out}.parts/``: a killed run resumes where it
-stopped (same settings) and the final file is written atomically.
+stopped (same settings and the same model: the resume fingerprint covers the content of the
+model's and the adapter's files, not only their paths) and the final file is written atomically.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from vopd.io import check_writable
 
 KIND_DEFAULTS = {  # official configs/eval/default.yaml + scripts/run_eval*.sh
     "math": {"top_p": 1.0, "top_k": -1, "max_new_tokens": 4096},
@@ -75,6 +78,36 @@ def resolve_model(model: str, lora: str | None) -> tuple[str, str | None]:
 
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_WHOLE_FILE_BYTES = 256 * 2**20  # files up to this size are hashed whole
+_EDGE_BYTES = 2**20
+
+
+def model_files_fingerprint(path: str | None) -> str | None:
+    """A hash of the files of a local model or adapter directory (None for a hub id or None):
+    every file's relative name and content, so other weights saved at the same path give
+    another fingerprint. A file over 256 MiB is hashed by its size, mtime and first and last
+    MiB (reading a 3 GB checkpoint whole on every resume would cost more than it guards)."""
+    if path is None or not Path(path).is_dir():
+        return None
+    root = Path(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # e.g. partial downloads, our own hidden temporaries
+        stat = f.stat()
+        digest.update(f"{rel}\0{stat.st_size}\0".encode())
+        with open(f, "rb") as fh:
+            if stat.st_size <= _WHOLE_FILE_BYTES:
+                for block in iter(lambda fh=fh: fh.read(2**20), b""):
+                    digest.update(block)
+            else:
+                digest.update(f"{stat.st_mtime_ns}".encode() + fh.read(_EDGE_BYTES))
+                fh.seek(-_EDGE_BYTES, 2)
+                digest.update(fh.read(_EDGE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,14 +288,19 @@ def main(argv=None) -> None:
     try:
         jobs = _plan(args)
         base, lora = resolve_model(args.model, args.lora)
-    except ValueError as e:
+        for job in jobs:  # an unwritable --out fails now, not after the sampling
+            check_writable(job["out"].parent)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 
     t0 = time.perf_counter()
     backend, max_pos, tok = build_backend(args, base, lora)
     load_s = time.perf_counter() - t0
     for job in jobs:
-        _run_one(args, job, backend, base, lora, max_pos, tok, load_s)
+        try:
+            _run_one(args, job, backend, base, lora, max_pos, tok, load_s)
+        except OSError as e:  # e.g. the disk filled up
+            raise SystemExit(f"error: {job['name']}: {e}") from None
 
 
 def _plan(args) -> list[dict]:
@@ -340,6 +378,10 @@ def _run_one(args, job: dict, backend, base, lora, max_pos, tok, load_s: float) 
         "backend": args.backend,
         "benchmark": job["path"],
         "problems": _fingerprint(list(bench["prompt"])),
+        "model_files": {
+            "base": model_files_fingerprint(base),
+            "lora": model_files_fingerprint(lora),
+        },
         "sampling": sampling,
         "chunk_size": chunk,
         "dtype": args.dtype,

@@ -4,16 +4,20 @@
         --benchmark math500 --out-dir RUN/eval/math500/step20
     python -m vopd.eval.grade --gold-check --benchmark held_out.parquet --out-dir /tmp/gold
 
-Writes ``grades.parquet`` (``problem_id, sample_idx, extracted, correct, timed_out, format_ok``)
-and ``summary.json`` (``benchmark, n, num_problems, avg@n, pass@1..pass@n, maj@n, format_rate,
-truncation_rate, timeout_rate, ci95{metric: [lo, hi]}``, + grader/sampling/timing details);
+Writes ``grades.parquet`` (``problem_id, sample_idx, extracted, correct, timed_out,
+grader_error, flagged, format_ok``) and ``summary.json`` (``benchmark, n, num_problems, avg@n,
+pass@1..pass@n, maj@n, format_rate, truncation_rate, timeout_rate, num_timed_out,
+num_grader_errors, num_flagged, ci95{metric: [lo, hi]}``, + grader/sampling/timing details);
 metrics are fractions in [0, 1]. Grading never regenerates: fix a grader, re-run this.
 
-Math: last brace-matched ``\\boxed{}`` checked by math-verify (:mod:`vopd.eval.graders`), each
-check bounded by ``--timeout`` seconds (official: 5) in worker processes; a check that runs over
-is wrong and flagged ``timed_out``. MCQ: JSON ``{"answer": "X"}`` then letter formats, exact
-letter match. ``format_ok`` = an answer was extracted. Official protocol:
-reference-semantics §3 (holi-lab/vOPD ``src/evaluate_math.py``, ``src/evaluate_mcq.py``).
+Math: last brace-matched ``\\boxed{}`` checked by math-verify (:mod:`vopd.eval.graders`). MCQ:
+JSON ``{"answer": "X"}``, then letter phrasings, then option texts; exact letter match. Every
+check (equal strings and integers included) runs in a worker process bounded by ``--timeout``
+seconds (official: 5): one that runs over is wrong and ``timed_out``, one that raises (an integer
+beyond Python's 4300-digit limit) is wrong with its ``grader_error``; both are ``flagged`` and
+the other samples are graded as usual. ``format_ok`` = an answer was extracted. A samples file
+covering another number of problems than its metadata's ``num_problems`` is refused. Official
+protocol: reference-semantics §3 (holi-lab/vOPD ``src/evaluate_math.py``, ``src/evaluate_mcq.py``).
 
 ``--gold-check`` grades, for every problem, a completion that states the gold answer in the
 expected format; every one must be correct (exit code 1 and the failures listed otherwise).
@@ -32,7 +36,7 @@ import pandas as pd
 
 from vopd.data import RESOURCES, canonical_name, load_benchmark
 from vopd.eval import graders, metrics
-from vopd.io import write_json, write_parquet
+from vopd.io import check_writable, write_json, write_parquet
 
 SAMPLE_COLUMNS = ("problem_id", "sample_idx", "text", "num_tokens", "truncated")
 
@@ -71,9 +75,18 @@ def gold_samples(bench: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _check_shape(samples: pd.DataFrame, bench: pd.DataFrame, name: str) -> int:
+def _check_shape(
+    samples: pd.DataFrame, bench: pd.DataFrame, name: str, expected_problems: int | None = None
+) -> int:
     if len(samples) == 0:
         raise ValueError("samples file has no rows")
+    found = samples["problem_id"].nunique()
+    if expected_problems is not None and found != expected_problems:
+        raise ValueError(
+            f"the samples cover {found} problems but their metadata says {expected_problems} "
+            "were generated (num_problems): the file is incomplete or was filtered; regenerate "
+            "it (a summary of part of the benchmark would look complete)"
+        )
     unknown = sorted(set(samples["problem_id"]) - set(bench["id"]))
     if unknown:
         raise ValueError(
@@ -102,12 +115,18 @@ def grade(
     timeout_s: float = 5.0,
     workers: int | None = None,
     name: str = "benchmark",
+    expected_problems: int | None = None,
 ) -> pd.DataFrame:
-    """Per-sample grades, ordered by (benchmark order of the problem, sample_idx)."""
-    from tqdm import tqdm
+    """Per-sample grades, ordered by (benchmark order of the problem, sample_idx).
+    ``expected_problems`` (the samples' metadata ``num_problems``): a samples table covering
+    another number of problems is a ValueError.
 
+    Every answer check (math comparison, MCQ extraction) runs in a worker process under the
+    per-sample timeout: a check that runs over (``timed_out``) or raises (``grader_error``,
+    e.g. an integer beyond Python's 4300-digit limit) makes that sample wrong and ``flagged``,
+    never the run."""
     samples = samples.assign(problem_id=samples["problem_id"].astype(str))
-    _check_shape(samples, bench, name)
+    _check_shape(samples, bench, name, expected_problems)
     bench = bench.set_index("id")
     order = {pid: i for i, pid in enumerate(bench.index)}
     df = samples.assign(_o=samples["problem_id"].map(order)).sort_values(["_o", "sample_idx"])
@@ -123,28 +142,46 @@ def grade(
     extracted: list[str | None] = [None] * len(df)
     correct = np.zeros(len(df), dtype=bool)
     timed_out = np.zeros(len(df), dtype=bool)
+    errors: list[str | None] = [None] * len(df)
     texts = df["text"].fillna("").to_numpy()
     math_rows = np.flatnonzero(kind == "math")
-    for i in np.flatnonzero(kind == "mcq"):
-        ch = choices[i]
-        ch = list(ch) if ch is not None and len(ch) >= 2 else None
-        # options unknown (an unparsed layout): letters A-D, or up to the gold's letter
-        n_choices = len(ch) if ch else max(4, "ABCDEFGHIJKLMNOPQRSTUVWXYZ".find(gold[i]) + 1)
-        extracted[i] = graders.extract_choice(texts[i], num_choices=n_choices, choices=ch)
-        correct[i] = extracted[i] is not None and extracted[i] == gold[i]
+    mcq_rows = np.flatnonzero(kind == "mcq")
+    if len(mcq_rows):
+        items = []
+        for i in mcq_rows:
+            ch = choices[i]
+            ch = [str(c) for c in ch] if ch is not None and len(ch) >= 2 else None
+            # options unknown (an unparsed layout): letters A-D, or up to the gold's letter
+            n = len(ch) if ch else max(4, "ABCDEFGHIJKLMNOPQRSTUVWXYZ".find(gold[i]) + 1)
+            items.append((texts[i], n, ch))
+        found = _bar_run(
+            len(items),
+            "grading (MCQ)",
+            lambda bar: graders.grade_mcq(
+                items, timeout_s=timeout_s, workers=workers, progress=bar.update
+            ),
+        )
+        for i, (letter, to, err) in zip(mcq_rows, found, strict=True):
+            extracted[i], timed_out[i], errors[i] = letter, to, err
+            correct[i] = letter is not None and letter == gold[i]
     for i in math_rows:
-        extracted[i] = graders.extract_boxed(texts[i])
+        try:  # linear in the text; an error is this sample's alone
+            extracted[i] = graders.extract_boxed(texts[i])
+        except Exception as e:
+            errors[i] = f"extracting the answer: {type(e).__name__}: {e}"[:500]
     if len(math_rows):
         pairs = [(gold[i], extracted[i]) for i in math_rows]
         n_unique = len({p for p in pairs if p[1] is not None})
-        with tqdm(
-            total=n_unique, desc="grading (unique answers)", file=sys.stderr, disable=n_unique < 200
-        ) as bar:
-            verdicts = graders.grade_math(
+        verdicts = _bar_run(
+            n_unique,
+            "grading (unique answers)",
+            lambda bar: graders.grade_math(
                 pairs, timeout_s=timeout_s, workers=workers, progress=bar.update
-            )
-        for i, (ok, to) in zip(math_rows, verdicts, strict=True):
-            correct[i], timed_out[i] = ok, to
+            ),
+        )
+        for i, v in zip(math_rows, verdicts, strict=True):
+            correct[i], timed_out[i] = v.correct, v.timed_out
+            errors[i] = errors[i] or v.error
     return pd.DataFrame(
         {
             "problem_id": df["problem_id"].astype(str),
@@ -152,11 +189,21 @@ def grade(
             "extracted": pd.Series(extracted, dtype=object),
             "correct": correct,
             "timed_out": timed_out,
+            "grader_error": pd.Series(errors, dtype=object),
+            "flagged": timed_out | np.array([e is not None for e in errors], dtype=bool),
             "format_ok": np.array([e is not None for e in extracted]),
             "truncated": df["truncated"].astype(bool).to_numpy(),
             "kind": kind,
         }
     )
+
+
+def _bar_run(total: int, desc: str, fn):
+    """``fn(bar)`` with a progress bar on stderr (shown from 200 items)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, file=sys.stderr, disable=total < 200) as bar:
+        return fn(bar)
 
 
 def summarize(grades: pd.DataFrame, *, resamples: int = 1000, seed: int = 0) -> dict:
@@ -190,6 +237,9 @@ def summarize(grades: pd.DataFrame, *, resamples: int = 1000, seed: int = 0) -> 
         )
     )
     out["num_timed_out"] = int(grades["timed_out"].sum())
+    if "grader_error" in grades:
+        out["num_grader_errors"] = int(grades["grader_error"].notna().sum())
+        out["num_flagged"] = int(grades["flagged"].sum())
     return out
 
 
@@ -200,7 +250,7 @@ def math_verify_self_check(bench: pd.DataFrame, timeout_s: float, workers: int |
     math = bench[bench["kind"] == "math"]
     pairs = [(a, a) for a in math["answer"]]
     verdicts = graders.grade_math(pairs, timeout_s=timeout_s, workers=workers, string_match=False)
-    failed = [pid for pid, (ok, _) in zip(math["id"], verdicts, strict=True) if not ok]
+    failed = [pid for pid, v in zip(math["id"], verdicts, strict=True) if not v.correct]
     return {
         "math_golds": len(pairs),
         "verified": len(pairs) - len(failed),
@@ -247,15 +297,21 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     try:
+        check_writable(args.out_dir)  # before grading, not after
         bench = load_benchmark(args.benchmark, args.resources)
         if args.gold_check:
             samples, meta = gold_samples(bench), {"gold_check": True}
         else:
             samples, meta = read_samples(args.samples)
         grades = grade(
-            samples, bench, timeout_s=args.timeout, workers=args.workers, name=args.benchmark
+            samples,
+            bench,
+            timeout_s=args.timeout,
+            workers=args.workers,
+            name=args.benchmark,
+            expected_problems=meta.get("num_problems"),
         )
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = summarize(grades, resamples=args.bootstrap, seed=args.seed)
     elapsed = time.perf_counter() - t0

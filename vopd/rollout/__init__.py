@@ -7,6 +7,7 @@ Backends are imported lazily by :func:`get_backend`, so CPU installs never impor
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -26,8 +27,10 @@ class SamplingParams:
     logprobs: bool = False  # keep the sampler's log-probs of the sampled tokens
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: expected >= 0 (0 = greedy)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature={self.temperature}: expected a finite value >= 0 (0 = greedy)"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
         if self.max_new_tokens < 1 or self.n < 1:

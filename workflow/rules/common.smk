@@ -2,6 +2,7 @@
 # wants rules and functions in separate files). Every rule parameter that is more than a
 # wildcard comes from a named function here; rules hold no lambdas.
 
+import math
 import os
 import shlex
 
@@ -25,7 +26,21 @@ def config_error(key, value, expected):
     raise ValueError(f"config key {key!r} = {value!r}: expected {expected}")
 
 
+def check_finite(value, key):
+    """NaN and inf pass every schema range check (a comparison with NaN is False): reject them
+    anywhere in the config (e.g. eval.sampling.temperature: .nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        config_error(key, value, "a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, f"{key}[{i}]")
+
+
 def check_config(cfg):
+    check_finite(cfg, "")
     train, ev = cfg["train"], cfg["eval"]
     steps = train["steps"]
 
@@ -119,10 +134,11 @@ def torch_env(wildcards, threads):
 
 def cli_flags(mapping):
     """{'top_p': 0.9, 'fast': True, 'vocab': [1, 2]} -> '--top-p 0.9 --fast --vocab 1,2'
-    (the vopd CLIs take lists comma-separated)."""
+    (the vopd CLIs take lists comma-separated). Every flag and value is shell-quoted: the
+    result goes into a `shell:` command unquoted, as several words."""
     parts = []
     for key, value in sorted(mapping.items()):  # sorted: reordering YAML keys changes nothing
-        flag = f"--{key.replace('_', '-')}"
+        flag = shlex.quote(f"--{key.replace('_', '-')}")
         if value is None or value is False:
             continue
         if value is True:
@@ -205,12 +221,16 @@ def benchmark_file(wildcards):
 
 
 def prepare_flags(wildcards):
-    """`--path` for a benchmark (or the training prompt set) read from a local file."""
+    """`--path` for a benchmark (or the training prompt set) read from local files: one path, a
+    directory, or a list of paths (each shell-quoted)."""
     if wildcards.benchmark == config["train"]["prompts"]:
         path = config["train"]["prompts_path"]
     else:
         path = config["eval"]["benchmarks"].get(wildcards.benchmark, {}).get("path")
-    return cli_flags({"path": path})
+    if path is None:
+        return ""
+    paths = path if isinstance(path, list) else [path]
+    return "--path " + " ".join(shlex.quote(str(p)) for p in paths)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -255,7 +275,7 @@ def train_overrides(wildcards):
     workflow's own keys (estimator, seed, models, prompts, steps)."""
     train = config["train"]
     options = dict(config["estimators"][wildcards.estimator])
-    merged = {**train["overrides"], **options.pop("overrides", {}), **options}
+    merged = {**train.get("overrides", {}), **options.pop("overrides", {}), **options}
     merged.update(
         {
             TRAIN_KEYS["estimator"]: wildcards.estimator,

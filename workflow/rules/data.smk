@@ -19,7 +19,7 @@ rule toy_world:
         out=toy_dir,
         flags=toy_world_flags,
     shell:
-        "python -m vopd.toy world --out {params.out} {params.flags} > {log} 2>&1"
+        "python -m vopd.toy world --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule toy_sft:
@@ -45,8 +45,8 @@ rule toy_sft:
         out=toy_models_dir,
         flags=toy_sft_flags,
     shell:
-        "{params.torch_env} python -m vopd.toy sft --world {params.world}"
-        " --out {params.out} {params.flags} > {log} 2>&1"
+        "{params.torch_env} python -m vopd.toy sft --world {params.world:q}"
+        " --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule prepare_benchmark:
@@ -62,5 +62,5 @@ rule prepare_benchmark:
     params:
         flags=prepare_flags,
     shell:
-        "python -m vopd.data prepare --benchmark {wildcards.benchmark} {params.flags}"
-        " --out {output.parquet} > {log} 2>&1"
+        "python -m vopd.data prepare --benchmark {wildcards.benchmark:q} {params.flags}"
+        " --out {output.parquet:q} > {log:q} 2>&1"

@@ -26,7 +26,8 @@ rule generate:
         sampling=run_sampling_flags,
     shell:
         "{params.torch_env} python -m vopd.eval.generate {params.model}"
-        " --benchmark {input.benchmarks} --out {output.samples} {params.sampling} > {log} 2>&1"
+        " --benchmark {input.benchmarks:q} --out {output.samples:q} {params.sampling}"
+        " > {log:q} 2>&1"
 
 
 rule grade:
@@ -46,8 +47,8 @@ rule grade:
     params:
         out_dir=grade_dir,
     shell:
-        "python -m vopd.eval.grade --samples {input.samples} --benchmark {input.benchmark}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m vopd.eval.grade --samples {input.samples:q} --benchmark {input.benchmark:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule generate_reference:
@@ -74,7 +75,8 @@ rule generate_reference:
         sampling=reference_sampling_flags,
     shell:
         "{params.torch_env} python -m vopd.eval.generate {params.model}"
-        " --benchmark {input.benchmarks} --out {output.samples} {params.sampling} > {log} 2>&1"
+        " --benchmark {input.benchmarks:q} --out {output.samples:q} {params.sampling}"
+        " > {log:q} 2>&1"
 
 
 rule grade_reference:
@@ -93,5 +95,5 @@ rule grade_reference:
     params:
         out_dir=grade_dir,
     shell:
-        "python -m vopd.eval.grade --samples {input.samples} --benchmark {input.benchmark}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m vopd.eval.grade --samples {input.samples:q} --benchmark {input.benchmark:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

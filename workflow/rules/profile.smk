@@ -17,5 +17,5 @@ rule cost_profile:
         torch_env=torch_env,
         flags=profile_flags,
     shell:
-        "{params.torch_env} python -m vopd.profile --out {output.profile} {params.flags}"
-        " > {log} 2>&1"
+        "{params.torch_env} python -m vopd.profile --out {output.profile:q} {params.flags}"
+        " > {log:q} 2>&1"

@@ -19,9 +19,9 @@ rule aggregate:
         results_dir=results_dir,
         filters=aggregate_filters,
     shell:
-        "python -m vopd.aggregate --results-dir {params.results_dir}"
-        " --experiment {wildcards.experiment} --what {wildcards.kind} {params.filters}"
-        " > {log} 2>&1"
+        "python -m vopd.aggregate --results-dir {params.results_dir:q}"
+        " --experiment {wildcards.experiment:q} --what {wildcards.kind:q} {params.filters}"
+        " > {log:q} 2>&1"
 
 
 rule table:
@@ -45,8 +45,8 @@ rule table:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what tables"
-        " --only {wildcards.table} {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what tables"
+        " --only {wildcards.table:q} {params.flags} > {log:q} 2>&1"
 
 
 rule figure_accuracy:
@@ -69,8 +69,8 @@ rule figure_accuracy:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what figures"
-        " --only accuracy {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what figures"
+        " --only accuracy {params.flags} > {log:q} 2>&1"
 
 
 rule figure_training_curves:
@@ -93,8 +93,8 @@ rule figure_training_curves:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what figures"
-        " --only training_curves {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what figures"
+        " --only training_curves {params.flags} > {log:q} 2>&1"
 
 
 rule figure_variance_ratio:
@@ -117,8 +117,8 @@ rule figure_variance_ratio:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what figures"
-        " --only variance_ratio {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what figures"
+        " --only variance_ratio {params.flags} > {log:q} 2>&1"
 
 
 rule figure_cost:
@@ -141,8 +141,8 @@ rule figure_cost:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what figures"
-        " --only cost {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what figures"
+        " --only cost {params.flags} > {log:q} 2>&1"
 
 
 rule summary:
@@ -161,5 +161,5 @@ rule summary:
         results_dir=results_dir,
         flags=report_flags,
     shell:
-        "python -m vopd.report --results-dir {params.results_dir} --what summary"
-        " {params.flags} > {log} 2>&1"
+        "python -m vopd.report --results-dir {params.results_dir:q} --what summary"
+        " {params.flags} > {log:q} 2>&1"

@@ -25,5 +25,5 @@ rule train:
         run_dir=run_dir,
         overrides=train_overrides,
     shell:
-        "{params.torch_env} {params.launch} vopd.train --config {input.config}"
-        " --out {params.run_dir} {params.overrides} > {log} 2>&1"
+        "{params.torch_env} {params.launch} vopd.train --config {input.config:q}"
+        " --out {params.run_dir:q} {params.overrides} > {log:q} 2>&1"

@@ -21,5 +21,5 @@ rule variance_probe:
         run_dir=run_dir_of_input,
         flags=variance_flags,
     shell:
-        "{params.torch_env} python -m vopd.variance --run-dir {params.run_dir}"
-        " --step {wildcards.step} --out {output.probes} {params.flags} > {log} 2>&1"
+        "{params.torch_env} python -m vopd.variance --run-dir {params.run_dir:q}"
+        " --step {wildcards.step:q} --out {output.probes:q} {params.flags} > {log:q} 2>&1"
