@@ -630,3 +630,4 @@ ESTIMATOR_OPTIONS = {
     "opt_baseline": {"normalize"},
 }
 UNBIASED = ("sample_opd", "vopd", "vopd_topk", "full_opd", "opt_baseline")
+from vopd.hidden import hidden_loss  # noqa: E402, F401  (estimators from hidden states)
