@@ -175,6 +175,53 @@ def hidden_loss(
     return _attach(total, student_hidden_BTH, student_head_VH, grad_h_NH, grad_w_VH), metrics
 
 
+@torch.no_grad()
+def hidden_row_stats(
+    student_hidden_BTH: Tensor,
+    student_head_VH: Tensor,
+    teacher_hidden_BTH: Tensor,
+    teacher_head_VH: Tensor,
+    tokens_BT: Tensor,
+    mask_BT: Tensor | None = None,
+    *,
+    chunk_rows: int | None = None,
+    **kinds,
+) -> dict[str, Tensor]:
+    """``vopd.estimators.row_stats`` (``kinds``: kl, entropy, opt_baseline) of the logits
+    h W_Sᵀ and g W_Tᵀ, [B·T] each, computed ``chunk_rows`` positions at a time without grad.
+    Positions where ``mask_BT`` is 0 are skipped (their statistics read 0); pad ids are fine."""
+    from vopd import estimators as E
+
+    _check_hidden(student_hidden_BTH, student_head_VH, teacher_hidden_BTH, teacher_head_VH)
+    B, T, _ = student_hidden_BTH.shape
+    h_NH = student_hidden_BTH.reshape(B * T, -1)
+    g_NH = teacher_hidden_BTH.reshape(B * T, -1)
+    live_mask = torch.ones(B * T, dtype=torch.bool, device=h_NH.device)
+    if mask_BT is not None:
+        live_mask = mask_BT.reshape(-1).to(h_NH.device) > 0
+    y_N = tokens_BT.reshape(-1).to(h_NH.device).long().masked_fill(~live_mask, 0)
+    live_L = live_mask.nonzero()[:, 0]
+    acc = E.acc_dtype(student_hidden_BTH.dtype)
+    rows = _rows(student_head_VH.shape[0], chunk_rows, h_NH.device)
+    out: dict[str, Tensor] = {}
+    for a in range(0, live_L.numel(), rows):
+        idx_r = live_L[a : a + rows]
+        z_rV = h_NH.index_select(0, idx_r) @ student_head_VH.T
+        u_rV = g_NH.index_select(0, idx_r) @ teacher_head_VH.T
+        st = E.row_stats(z_rV, u_rV, y_N.index_select(0, idx_r), **kinds)
+        for key, x_r in st.items():
+            if key not in out:
+                out[key] = torch.zeros(B * T, dtype=acc, device=h_NH.device)
+            out[key].index_copy_(0, idx_r, x_r)
+        del z_rV, u_rV
+    if not out:  # nothing live: the names row_stats returns, all zero
+        empty = h_NH.new_zeros(1, student_head_VH.shape[0])
+        zero = torch.zeros(1, dtype=torch.long, device=h_NH.device)
+        out = {k: torch.zeros(B * T, dtype=acc, device=h_NH.device)
+               for k in E.row_stats(empty, empty, zero, **kinds)}  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces.
 
