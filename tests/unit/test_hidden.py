@@ -312,3 +312,19 @@ def test_unsupported_heads_are_rejected():
     causal_lm_head(model)  # passes the static checks
     with pytest.raises(ValueError, match="not a plain projection"):
         check_head(model, torch.randint(0, 37, (1, 5)))
+
+
+def test_hidden_row_stats_equal_row_stats_on_logits():
+    from vopd.estimators import row_stats
+    from vopd.hidden import hidden_row_stats
+
+    h, W, ht, Wt, y = fixture(9, B=3, T=4)
+    mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(9)) > 0.4
+    kinds = {"kl": True, "entropy": True, "opt_baseline": True}
+    ours = hidden_row_stats(h, W, ht, Wt, y, mask, chunk_rows=2, **kinds)
+    ref = row_stats((h @ W.T).reshape(12, -1), (ht @ Wt.T).reshape(12, -1), y.reshape(-1), **kinds)
+    assert set(ours) == set(ref)
+    live = mask.reshape(-1)
+    for key, x in ours.items():
+        torch.testing.assert_close(x[live], ref[key][live], rtol=1e-12, atol=1e-12)
+        assert (x[~live] == 0).all()
