@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vopd.hidden import causal_lm_head, decoder_hidden
 from vopd.is_correction import sampler_logprobs_tensor
 from vopd.rollout import Rollouts
 
@@ -74,3 +75,23 @@ def completion_logits(model, batch: RolloutBatch, V: int) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits[..., :V]  # padded logit rows beyond the shared vocabulary are dropped
+
+
+def completion_hidden(model, batch: RolloutBatch, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logits`` without the head: the [B, T, H] last hidden states whose projection
+    predicts ``batch.tokens_BT[:, t]`` and the [V, H] head weight sliced to the shared vocabulary,
+    for ``vopd.hidden.hidden_loss`` (logits = hidden @ head.T, never materialised). Under
+    autocast both come in the autocast dtype, the dtype the head would compute the logits in."""
+    hidden_BLH = decoder_hidden(
+        model,
+        input_ids=batch.input_ids_BL,
+        attention_mask=batch.attention_mask_BL,
+        position_ids=batch.position_ids_BL,
+    )
+    hidden_BTH = hidden_BLH[:, -batch.tokens_BT.shape[1] :]
+    head_VH = causal_lm_head(model, V)  # padded head rows beyond the shared vocabulary dropped
+    device = hidden_BTH.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden_BTH, head_VH = hidden_BTH.to(dtype), head_VH.to(dtype)
+    return hidden_BTH, head_VH

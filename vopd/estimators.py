@@ -54,7 +54,11 @@ from torch import Tensor
 from vopd import catalog
 from vopd.catalog import DEFAULT_TOP_K, NORMALIZE  # noqa: F401  (re-exported)
 
-_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per temporary
+# Chunk sizes (elements of one [rows, V] work buffer). On CPU a chunk's few buffers stay in the
+# L2/L3 cache, so every op after the first re-reads them from cache, not from DRAM; on a GPU the
+# chunks are larger so that kernel launches are amortised. Either way no [B,T,V] temporary exists.
+_CHUNK_ELEMENTS = 1 << 24  # GPU: 64 MiB of float32 per buffer
+_CPU_CHUNK_ELEMENTS = 1 << 19  # CPU: 2 MiB of float32 per buffer (3 rows at V = 151,936)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,12 +66,51 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(V: int, chunk_rows: int | None) -> int:
+def _chunk_rows(V: int, chunk_rows: int | None, device: torch.device | None = None) -> int:
     if chunk_rows is None:
-        return max(1, _CHUNK_ELEMENTS // V)
+        cpu = device is None or torch.device(device).type == "cpu"
+        budget = _CPU_CHUNK_ELEMENTS if cpu else _CHUNK_ELEMENTS
+        return max(2 if cpu else 1, budget // V)  # >= 2 rows: row kernels split rows over threads
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive row count or None")
     return chunk_rows
+
+
+class _Chunks:
+    """Row chunks of [N, V] tensors with reusable work buffers: one allocation per call, not per
+    chunk (with glibc's mmap threshold low, a fresh buffer per chunk costs its page faults).
+
+    ``acc(i, x_rV)`` is ``x_rV`` itself when it already has the accumulation dtype, else its
+    cast into work buffer i; ``buf(i, r)`` is work buffer i's first r rows."""
+
+    def __init__(self, N: int, V: int, chunk_rows: int | None, like: Tensor, acc: torch.dtype):
+        self.N, self.V, self.acc_dtype, self.device = N, V, acc, like.device
+        self.rows = max(1, min(N, _chunk_rows(V, chunk_rows, like.device)))
+        self._bufs: dict[int, Tensor] = {}
+
+    def __iter__(self):
+        for a in range(0, self.N, self.rows):
+            yield slice(a, min(a + self.rows, self.N))
+
+    def buf(self, i: int, r: int) -> Tensor:
+        if i not in self._bufs:
+            self._bufs[i] = torch.empty(self.rows, self.V, dtype=self.acc_dtype, device=self.device)
+        return self._bufs[i][:r]
+
+    def acc(self, i: int, x_rV: Tensor) -> Tensor:
+        return x_rV if x_rV.dtype == self.acc_dtype else self.buf(i, x_rV.shape[0]).copy_(x_rV)
+
+
+def _lse_(x_rV: Tensor, work_rV: Tensor, *, softmax: bool) -> Tensor:
+    """log Σ_v exp(x_v) per row with one fused (log-)softmax kernel written into ``work_rV``:
+    softmax p = exp(x − lse) gives lse = max x − log max p, log-softmax gives lse = max x − max
+    log p (both exact up to rounding: max p ≥ 1/V, no reliance on any one entry's size)."""
+    max_x = x_rV.amax(-1)
+    if softmax:
+        torch.softmax(x_rV, -1, out=work_rV)
+        return max_x - work_rV.amax(-1).log_()
+    torch.log_softmax(x_rV, -1, out=work_rV)
+    return max_x - work_rV.amax(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,42 +131,43 @@ def row_stats(
     """Per-row statistics (in ``acc_dtype``) of flattened logits [N, V] s (student), t (teacher):
     ``lse_p``, ``lse_q``, ``logp_y``, ``logq_y``, and on request ``kl``, ``entropy``, ``b_opt``.
 
-    One exponential per model and row: with e = exp(s − max s), Z = Σe, p = e/Z and d = s − t,
-        KL_t = Σ_v p (log p − log q) = ⟨e, d⟩/Z − lse_p + lse_q,
-        H_t  = −Σ_v p log p         = lse_p − ⟨e, s⟩/Z.
+    One exponential per model and row (a fused softmax kernel per model and chunk): with
+    p = softmax(s) and d = s − t,
+        KL_t = Σ_v p (log p − log q) = ⟨p, d⟩ − lse_p + lse_q,
+        H_t  = −Σ_v p log p         = lse_p − ⟨p, s⟩.
     b*_t = Σ_v p w_v r(v) / Σ_v p w_v with w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)², the constant
     that minimises E_y‖(r(y) − b) ∇_z log p(y)‖² in logit space (beyond the paper). With
     P2 = Σ p², Σ p w r = −(1 + P2)·KL − 2 Σ p² r and Σ p w = 1 − P2. When p is one-hot that
     denominator is 0 and every ∇_z log p(y) vanishes; −KL_t is used there.
     """
     N, V = student_NV.shape
-    rows = _chunk_rows(V, chunk_rows)
     acc = acc_dtype(student_NV.dtype)
     names = ["lse_p", "lse_q", "logp_y", "logq_y"]
     names += [k for k, on in (("kl", kl or opt_baseline), ("entropy", entropy)) if on]
     names += ["b_opt"] if opt_baseline else []
     out = {k: student_NV.new_empty(N, dtype=acc) for k in names}
-    for a in range(0, N, rows):
-        sl = slice(a, a + rows)
-        s, t, y = student_NV[sl].to(acc), teacher_NV[sl].to(acc), tokens_N[sl, None]
-        max_s = s.amax(-1, keepdim=True)
-        e = (s - max_s).exp_()
-        z = e.sum(-1)
-        lse_p, lse_q = max_s[:, 0] + z.log(), torch.logsumexp(t, -1)
-        out["lse_p"][sl], out["lse_q"][sl] = lse_p, lse_q
-        out["logp_y"][sl] = s.gather(-1, y)[:, 0] - lse_p
+    need_p = "kl" in out or entropy
+    chunks = _Chunks(N, V, chunk_rows, student_NV, acc)
+    for sl in chunks:
+        s, t, y = chunks.acc(0, student_NV[sl]), chunks.acc(1, teacher_NV[sl]), tokens_N[sl, None]
+        r = s.shape[0]
+        p, work = chunks.buf(2, r), chunks.buf(3, r)  # p: softmax (or log-softmax) of s
+        lse_q = _lse_(t, work, softmax=False)
+        out["lse_q"][sl] = lse_q
         out["logq_y"][sl] = t.gather(-1, y)[:, 0] - lse_q
+        lse_p = _lse_(s, p, softmax=need_p)
+        out["lse_p"][sl] = lse_p
+        out["logp_y"][sl] = s.gather(-1, y)[:, 0] - lse_p
         if entropy:
-            out["entropy"][sl] = lse_p - torch.linalg.vecdot(e, s) / z
+            out["entropy"][sl] = lse_p - torch.mul(p, s, out=work).sum(-1)
         if "kl" not in out:
             continue
-        d = s - t
-        kl_rows = torch.linalg.vecdot(e, d) / z - lse_p + lse_q
+        pd = torch.sub(s, t, out=work).mul_(p)  # p·d
+        kl_rows = pd.sum(-1) - lse_p + lse_q
         out["kl"][sl] = kl_rows
         if opt_baseline:
-            p = e.div_(z[:, None])
-            sum_p2 = torch.linalg.vecdot(p, p)
-            sum_p2_d = torch.linalg.vecdot(d.mul_(p), p)  # d is not needed again: reuse it
+            sum_p2_d = pd.mul_(p).sum(-1)  # Σ p² d
+            sum_p2 = torch.mul(p, p, out=work).sum(-1)
             sum_p2_r = sum_p2 * (lse_p - lse_q) - sum_p2_d  # Σ p² r, r = −d − lse_q + lse_p
             num, den = -(1.0 + sum_p2) * kl_rows - 2.0 * sum_p2_r, 1.0 - sum_p2
             out["b_opt"][sl] = torch.where(den > 1e-12, num / den.clamp_min(1e-12), -kl_rows)
@@ -134,7 +178,7 @@ def row_stats(
 def topk_ids(student_NV: Tensor, k: int, *, chunk_rows: int | None = None) -> Tensor:
     """The student's top-k vocabulary ids per row, [N, K] (no grad: the support is detached)."""
     N, V = student_NV.shape
-    rows = _chunk_rows(V, chunk_rows)
+    rows = _chunk_rows(V, chunk_rows, student_NV.device)
     ids = torch.empty(N, k, dtype=torch.long, device=student_NV.device)
     for a in range(0, N, rows):
         ids[a : a + rows] = student_NV[a : a + rows].topk(k, dim=-1, sorted=False).indices
@@ -145,8 +189,20 @@ def topk_ids(student_NV: Tensor, k: int, *, chunk_rows: int | None = None) -> Te
 # Differentiable building blocks.
 
 
+def _write_grad(chunks: _Chunks, grad_NV: Tensor, sl: slice, r: int) -> Tensor:
+    """Where chunk ``sl``'s gradient is computed: straight into ``grad_NV`` when it has the
+    accumulation dtype, else into work buffer 4 (copied, cast, by ``_flush``)."""
+    return grad_NV[sl] if grad_NV.dtype == chunks.acc_dtype else chunks.buf(4, r)
+
+
+def _flush(grad_NV: Tensor, sl: slice, g_rV: Tensor) -> None:
+    if g_rV.data_ptr() != grad_NV[sl].data_ptr():
+        grad_NV[sl].copy_(g_rV)
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log p(y_n) = z_n[y_n] − lse(z_n); backward writes g_n (e_{y_n} − softmax(z_n)) by chunks."""
+    """log p(y_n) = z_n[y_n] − lse(z_n); backward writes g_n (e_{y_n} − softmax(z_n)) by chunks:
+    one fused softmax kernel per chunk, scaled in place, the token's entry added."""
 
     @staticmethod
     def forward(ctx, logits_NV, tokens_N, lse_N, chunk_rows):
@@ -157,21 +213,26 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         logits_NV, tokens_N, lse_N = ctx.saved_tensors
-        rows = _chunk_rows(logits_NV.shape[1], ctx.chunk_rows)
+        N, V = logits_NV.shape
+        chunks = _Chunks(N, V, ctx.chunk_rows, logits_NV, lse_N.dtype)
         grad_NV = torch.empty_like(logits_NV)
-        for a in range(0, logits_NV.shape[0], rows):
-            g = grad_N[a : a + rows, None].to(lse_N.dtype)
-            chunk = torch.exp(
-                logits_NV[a : a + rows].to(lse_N.dtype) - lse_N[a : a + rows, None]
-            ).mul_(-g)
-            chunk.scatter_add_(-1, tokens_N[a : a + rows, None], g)
-            grad_NV[a : a + rows] = chunk
+        skip = grad_NV.device.type == "cpu"  # skipping all-zero chunks needs a host sync
+        for sl in chunks:
+            g = grad_N[sl, None].to(lse_N.dtype)
+            if skip and not g.any():  # masked rows only: gradient 0
+                grad_NV[sl].zero_()
+                continue
+            out = _write_grad(chunks, grad_NV, sl, g.shape[0])
+            torch.softmax(chunks.acc(0, logits_NV[sl]), -1, out=out).mul_(-g)
+            out.scatter_add_(-1, tokens_N[sl, None], g)
+            _flush(grad_NV, sl, out)
         return grad_NV, None, None, None
 
 
 class _ReverseKL(torch.autograd.Function):
     """KL_n = Σ_v p (log p − log q); backward writes g_n p (log p − log q − KL_n) by chunks, with
-    log p − log q = (s − t) − lse_p + lse_q from the forward's row statistics."""
+    log p − log q = (s − t) − lse_p + lse_q from the forward's row statistics:
+    g p (d − c) with d = s − t and c = lse_p − lse_q + KL_n, one fused softmax per chunk."""
 
     @staticmethod
     def forward(ctx, student_NV, teacher_NV, chunk_rows):
@@ -184,15 +245,18 @@ class _ReverseKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         student_NV, teacher_NV, kl_N, lse_p, lse_q = ctx.saved_tensors
-        rows = _chunk_rows(student_NV.shape[1], ctx.chunk_rows)
-        shift_N = lse_p - lse_q + kl_N
+        N, V = student_NV.shape
+        chunks = _Chunks(N, V, ctx.chunk_rows, student_NV, kl_N.dtype)
+        g_N = grad_N.to(kl_N.dtype)
+        neg_gc_N = -(lse_p - lse_q + kl_N) * g_N
         grad_NV = torch.empty_like(student_NV)
-        for a in range(0, student_NV.shape[0], rows):
-            sl = slice(a, a + rows)
-            s = student_NV[sl].to(kl_N.dtype)
-            p = (s - lse_p[sl, None]).exp_()
-            diff = (s - teacher_NV[sl].to(kl_N.dtype)).sub_(shift_N[sl, None])
-            grad_NV[sl] = diff.mul_(p).mul_(grad_N[sl, None])
+        for sl in chunks:
+            s, t = chunks.acc(0, student_NV[sl]), chunks.acc(1, teacher_NV[sl])
+            out = _write_grad(chunks, grad_NV, sl, s.shape[0])
+            torch.softmax(s, -1, out=out)  # p
+            d = torch.sub(s, t, out=chunks.buf(2, s.shape[0]))
+            torch.addcmul(neg_gc_N[sl, None], d, g_N[sl, None], out=d)  # g (d − c)
+            _flush(grad_NV, sl, out.mul_(d))
         return grad_NV, None, None
 
 
@@ -202,19 +266,19 @@ def token_logprobs(
     """Selective log-softmax log p(y_t), [B, T] in acc_dtype, differentiable, no [B,T,V] saved."""
     B, T, V = logits_BTV.shape
     logits_NV, tokens_N = logits_BTV.reshape(B * T, V), tokens_BT.reshape(B * T)
-    with torch.no_grad():
-        lse_N = _lse(logits_NV, _chunk_rows(V, chunk_rows))
+    lse_N = _lse(logits_NV, chunk_rows)
     return _SelectiveLogSoftmax.apply(logits_NV, tokens_N, lse_N, chunk_rows).view(B, T)
 
 
 @torch.no_grad()
-def _lse(logits_NV: Tensor, rows: int) -> Tensor:
-    return torch.cat(
-        [
-            torch.logsumexp(logits_NV[a : a + rows].to(acc_dtype(logits_NV.dtype)), -1)
-            for a in range(0, logits_NV.shape[0], rows)
-        ]
-    )
+def _lse(logits_NV: Tensor, chunk_rows: int | None) -> Tensor:
+    N, V = logits_NV.shape
+    chunks = _Chunks(N, V, chunk_rows, logits_NV, acc_dtype(logits_NV.dtype))
+    lse_N = logits_NV.new_empty(N, dtype=chunks.acc_dtype)
+    for sl in chunks:
+        x = chunks.acc(0, logits_NV[sl])
+        lse_N[sl] = _lse_(x, chunks.buf(1, x.shape[0]), softmax=False)
+    return lse_N
 
 
 def reverse_kl_full(
@@ -570,3 +634,6 @@ k1_loss = estimator_fn("k1_loss")
 k2_loss = estimator_fn("k2_loss")
 k3_loss = estimator_fn("k3_loss")
 const_adv = estimator_fn("const_adv")
+
+
+from vopd.hidden import hidden_loss  # noqa: E402, F401  (estimators from hidden states)

@@ -18,26 +18,38 @@ import torch
 
 from vopd import distributed as dist
 from vopd import is_correction, policy
-from vopd.batch import RolloutBatch, completion_logits
+from vopd.batch import RolloutBatch, completion_hidden, completion_logits
 from vopd.config import TrainConfig
-from vopd.estimators import ESTIMATORS, row_stats
+from vopd.estimators import ESTIMATORS, hidden_loss, row_stats
+from vopd.hidden import hidden_row_stats
 
 
 def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBatch, V: int):
     """The estimator's loss on one (micro-)batch and its metrics, the no-grad diagnostics (KL,
     entropy, reward, log p(y)) from the same logits, and the loss weights m' it used as its mask
-    (vopd.distributed.loss_weights: the normalisation times the optional IS weight)."""
-    with policy.autocast(cfg, batch.tokens_BT.device):
-        logits_BTV = completion_logits(student, batch, V)
+    (vopd.distributed.loss_weights: the normalisation times the optional IS weight).
+
+    With ``cfg.loss_from_hidden`` the teacher comes as its (hidden_BTH, head_VH) pair
+    (``completion_hidden``), the student's forward stops at its last hidden states, and the
+    diagnostics and the loss are computed chunk by chunk from them (vopd.hidden): no [B,T,V]."""
     B, T = batch.tokens_BT.shape
     y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
-    st = row_stats(
-        logits_BTV.detach().reshape(-1, V),
-        teacher_logits_BTV.reshape(-1, V),
-        y_N,
-        kl=True,
-        entropy=True,
-    )
+    with policy.autocast(cfg, batch.tokens_BT.device):
+        student_out = (completion_hidden if cfg.loss_from_hidden else completion_logits)(
+            student, batch, V
+        )
+    if cfg.loss_from_hidden:  # the same row statistics, from hidden states (masked rows: 0)
+        (s_hidden, s_head), (t_hidden, t_head) = student_out, teacher_logits_BTV
+        st = hidden_row_stats(s_hidden.detach(), s_head.detach(), t_hidden, t_head,
+                              batch.tokens_BT, batch.mask_BT, kl=True, entropy=True)  # fmt: skip
+    else:
+        st = row_stats(
+            student_out.detach().reshape(-1, V),
+            teacher_logits_BTV.reshape(-1, V),
+            y_N,
+            kl=True,
+            entropy=True,
+        )
     logp_BT = st["logp_y"].view(B, T)
     w_B = is_correction.step_weights(
         cfg.estimator, cfg.is_correction, logp_BT, batch.sampler_logp_BT, batch.mask_BT,
@@ -45,9 +57,13 @@ def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBa
     )  # fmt: skip
     weights_BT = dist.loss_weights(batch.mask_BT, cfg.normalize, w_B)
     options = {**cfg.estimator_options(), "normalize": "token_mean"}
-    loss, metrics = ESTIMATORS[cfg.estimator](
-        logits_BTV, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
-    )
+    if cfg.loss_from_hidden:
+        loss, metrics = hidden_loss(cfg.estimator, s_hidden, s_head, t_hidden, t_head,
+                                    batch.tokens_BT, weights_BT, **options)  # fmt: skip
+    else:
+        loss, metrics = ESTIMATORS[cfg.estimator](
+            student_out, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
+        )
     m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
     sums = {
         "kl_mean": float((st["kl"] * m_N).sum()),
@@ -73,13 +89,13 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
     for a in range(0, B, micro):
         mb = batch.rows(slice(a, a + micro))
         t0 = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits_BTV = completion_logits(teacher, mb, V)
+        with torch.no_grad():  # the teacher's logits, or its (hidden, head) pair
+            teacher_out = (completion_hidden if cfg.loss_from_hidden else completion_logits)(
+                teacher, mb, V
+            )
         sync()
         t1 = time.perf_counter()
-        loss, metrics, mb_sums, weights_BT, logp_BT = compute_loss(
-            cfg, student, teacher_logits_BTV, mb, V
-        )
+        loss, metrics, mb_sums, weights_BT, logp_BT = compute_loss(cfg, student, teacher_out, mb, V)
         scale = dist.loss_scale(weights_BT, denom)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss.detach())}")

@@ -46,7 +46,12 @@ import sys
 import time
 
 NAIVE = "naive_vopd"
+# The memory-traffic floor of a loss + backward on [B, T, V] logits: one read of both logits
+# tensors and one write of a gradient-sized tensor, freshly allocated (as every estimator's
+# backward allocates its gradient; page faults included) or written into an existing buffer.
+FLOOR, FLOOR_PREALLOC = "floor", "floor_prealloc"
 MODES = ("loss", "train_step")
+PATHS = ("logits", "hidden")  # the loss on [B,T,V] logits, or from hidden states (vopd.hidden)
 TOY_VOCAB = 27  # vopd.toy tokenizer: 23 characters + <pad> <bos> <eos> <unk>
 # Issue 4: the toy Llama that learns 3-term sums on 2 CPU cores.
 TOY_ARCH = {
@@ -189,29 +194,38 @@ def measure_one(
     repeats=3,
     seed=0,
     threads=None,
+    path="logits",
+    hidden_size=None,
+    head_grad=False,
 ) -> dict:
-    """Time and peak memory of one loss + backward on random logits, in this process."""
+    """Time and peak memory of one loss + backward, in this process: on random [B, T, V] logits
+    (``hidden_size`` None), or with ``hidden_size`` H on random [B, T, H] hidden states and
+    [V, H] heads, by ``path``: ``logits`` materialises h @ W.T for both models (the student's
+    with grad) and runs the estimator; ``hidden`` runs ``vopd.hidden.hidden_loss``. Gradients
+    reach the student's hidden states, and its head when ``head_grad``."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    fn, opts = _estimator(estimator, vocab_size, top_k)
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: expected one of {PATHS}")
+    if path == "hidden" and not hidden_size:
+        raise ValueError("path='hidden' needs hidden_size")
+    if estimator in (FLOOR, FLOOR_PREALLOC) and hidden_size:
+        raise ValueError(f"{estimator!r} is measured on logits: drop hidden_size")
     dev, meter = torch.device(device), _Meter(device)
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
     base = meter.now()
-    student = torch.randn(batch, seq_len, vocab_size, dtype=dt, device=dev, requires_grad=True)
-    teacher = torch.randn(batch, seq_len, vocab_size, dtype=dt, device=dev)
     tokens = torch.randint(0, vocab_size, (batch, seq_len), device=dev)
     mask = torch.ones(batch, seq_len, dtype=torch.bool, device=dev)
+    if hidden_size:
+        step = _hidden_step(estimator, vocab_size, batch, seq_len, hidden_size, dt, dev, top_k,
+                            path, head_grad, tokens, mask)  # fmt: skip
+    else:
+        step = _logits_step(estimator, vocab_size, batch, seq_len, dt, dev, top_k, tokens, mask)
     inputs = meter.now()
     meter.reset_peak()
-
-    def step():
-        loss, _ = fn(student, teacher, tokens, mask, **opts)
-        loss.backward()
-        student.grad = None
-
     best, median, inner = _best_time(step, meter, repeats)
     peak = meter.peak()
     return {
@@ -221,6 +235,9 @@ def measure_one(
         "seq_len": seq_len,
         "batch": batch,
         "dtype": dtype,
+        "path": path,
+        "hidden_size": hidden_size or 0,
+        "head_grad": bool(head_grad and hidden_size),
         "step_s": best,
         "step_s_median": median,
         "inner_steps": inner,
@@ -231,9 +248,61 @@ def measure_one(
         "device": dev.type,
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
-        "top_k": opts.get("top_k"),
+        "top_k": _estimator(estimator, vocab_size, top_k)[1].get("top_k")
+        if estimator not in (FLOOR, FLOOR_PREALLOC)
+        else None,
         "status": "ok",
     }
+
+
+def _logits_step(estimator, V, B, T, dt, dev, top_k, tokens, mask):
+    import torch
+
+    student = torch.randn(B, T, V, dtype=dt, device=dev, requires_grad=True)
+    teacher = torch.randn(B, T, V, dtype=dt, device=dev)
+    if estimator in (FLOOR, FLOOR_PREALLOC):
+        grad = torch.empty_like(student) if estimator == FLOOR_PREALLOC else None
+
+        def floor():  # read both tensors once, write one gradient-sized tensor once
+            student.detach().sum()
+            teacher.sum()
+            (torch.empty_like(student) if grad is None else grad).fill_(1.0)
+
+        return floor
+    fn, opts = _estimator(estimator, V, top_k)
+
+    def step():
+        loss, _ = fn(student, teacher, tokens, mask, **opts)
+        loss.backward()
+        student.grad = None
+
+    return step
+
+
+def _hidden_step(estimator, V, B, T, H, dt, dev, top_k, path, head_grad, tokens, mask):
+    import torch
+
+    from vopd.hidden import hidden_loss
+
+    fn, opts = _estimator(estimator, V, top_k)
+    scale = H**-0.5  # logits ~ N(0, 1), as the random-logits mode
+    h_s = torch.randn(B, T, H, dtype=dt, device=dev, requires_grad=True)
+    h_t = torch.randn(B, T, H, dtype=dt, device=dev)
+    W_s = (scale * torch.randn(V, H, dtype=dt, device=dev)).requires_grad_(bool(head_grad))
+    W_t = scale * torch.randn(V, H, dtype=dt, device=dev)
+
+    def step():
+        if path == "hidden":
+            loss, _ = hidden_loss(estimator, h_s, W_s, h_t, W_t, tokens, mask, **opts)
+        else:
+            with torch.no_grad():
+                teacher_BTV = h_t @ W_t.T
+            loss, _ = fn(h_s @ W_s.T, teacher_BTV, tokens, mask, **opts)
+            del teacher_BTV
+        loss.backward()
+        h_s.grad = W_s.grad = None
+
+    return step
 
 
 def _counter(calls: dict, role: str):
@@ -279,11 +348,18 @@ def measure_train_step(
     threads=None,
     lr=1e-5,
     max_grad_norm=1.0,
+    path="logits",
 ) -> dict:
-    """Time (per segment) and peak memory of one OPD optimizer step without the rollout."""
+    """Time (per segment) and peak memory of one OPD optimizer step without the rollout;
+    ``path="hidden"``: both forwards stop at the last hidden states and the loss comes from
+    them and the heads (``vopd.hidden.hidden_loss``, as ``loss_from_hidden`` trains)."""
     import torch
 
-    from vopd.batch import RolloutBatch, completion_logits
+    from vopd.batch import RolloutBatch, completion_hidden, completion_logits
+    from vopd.hidden import hidden_loss
+
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: expected one of {PATHS}")
 
     if threads:
         torch.set_num_threads(threads)
@@ -300,7 +376,7 @@ def measure_train_step(
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     calls = {"student": 0, "teacher": 0}
     for role, model in (("student", student), ("teacher", teacher)):
-        model.register_forward_hook(_counter(calls, role))
+        model.get_decoder().register_forward_hook(_counter(calls, role))  # either path
     gen = torch.Generator().manual_seed(seed)
     ids_BS = torch.randint(0, vocab_size, (batch, L), generator=gen)
     ones_BL = torch.ones(batch, L - 1, dtype=torch.long)
@@ -325,12 +401,16 @@ def measure_train_step(
 
     def step():
         t = time.perf_counter()
-        s_BTV = completion_logits(student, rb, vocab_size)
+        forward = completion_hidden if path == "hidden" else completion_logits
+        s_out = forward(student, rb, vocab_size)
         t = tick("student_fwd_s", t)
         with torch.no_grad():
-            q_BTV = completion_logits(teacher, rb, vocab_size)
+            q_out = forward(teacher, rb, vocab_size)
         t = tick("teacher_fwd_s", t)
-        loss, _ = fn(s_BTV, q_BTV, rb.tokens_BT, rb.mask_BT, **opts)
+        if path == "hidden":
+            loss, _ = hidden_loss(estimator, *s_out, *q_out, rb.tokens_BT, rb.mask_BT, **opts)
+        else:
+            loss, _ = fn(s_out, q_out, rb.tokens_BT, rb.mask_BT, **opts)
         t = tick("loss_s", t)
         loss.backward()
         t = tick("backward_s", t)
@@ -350,6 +430,7 @@ def measure_train_step(
     return {
         "mode": "train_step",
         "estimator": estimator,
+        "path": path,
         "vocab_size": vocab_size,
         "seq_len": seq_len,
         "batch": batch,
@@ -455,28 +536,30 @@ def format_table(rows: list[dict], ref: str = "sample_opd") -> str:
     """A fixed-width table with ratios to ``ref`` at the same (mode, V, T, B)."""
 
     def key(r, name):
-        return (r.get("mode", "loss"), r["vocab_size"], r["seq_len"], r["batch"], name)
+        return (r.get("mode", "loss"), r["vocab_size"], r["seq_len"], r["batch"],
+                r.get("path", "logits"), r.get("hidden_size", 0), name)  # fmt: skip
 
     ok = {key(r, r["estimator"]): r for r in rows if r.get("status", "ok") == "ok"}
     head = (
-        f"{'mode':<11}{'estimator':<13}{'V':>8}{'T':>6}{'B':>4}{'step_s':>9}{'x ref':>7}"
-        f"{'peak_MiB':>10}{'x ref':>7}{'above_in_MiB':>14}"
+        f"{'mode':<11}{'estimator':<15}{'V':>8}{'T':>6}{'B':>4}{'step_s':>9}{'x ref':>7}"
+        f"{'peak_MiB':>10}{'x ref':>7}{'above_in_MiB':>14}  {'path':<7}{'H':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lead = (
-            f"{r.get('mode', 'loss'):<11}{r['estimator']:<13}{r['vocab_size']:>8}"
+            f"{r.get('mode', 'loss'):<11}{r['estimator']:<15}{r['vocab_size']:>8}"
             f"{r['seq_len']:>6}{r['batch']:>4}"
         )
+        tail = f"  {r.get('path', 'logits'):<7}{r.get('hidden_size') or '-':>5}"
         if r.get("status", "ok") != "ok":
-            lines.append(f"{lead}  {r['status']}")
+            lines.append(f"{lead}  {r['status']}{tail}")
             continue
         base = ok.get(key(r, ref))
         rt = r["step_s"] / base["step_s"] if base else float("nan")
         rm = r["peak_mem_bytes"] / base["peak_mem_bytes"] if base else float("nan")
         lines.append(
             f"{lead}{r['step_s']:>9.4f}{rt:>7.2f}{r['peak_mem_bytes'] / 2**20:>10.0f}{rm:>7.2f}"
-            f"{r['above_inputs_bytes'] / 2**20:>14.0f}"
+            f"{r['above_inputs_bytes'] / 2**20:>14.0f}{tail}"
         )
     return "\n".join(lines)
 
@@ -508,6 +591,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", nargs="+", help="sequences B")
     ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
     ap.add_argument("--naive", action="store_true", help="also profile the naive reference")
+    ap.add_argument(
+        "--floor", action="store_true", help="loss mode: also the memory-traffic floors"
+    )
+    ap.add_argument("--path", nargs="+", default=["logits"], help="logits, hidden, or both")
+    ap.add_argument(
+        "--hidden-size",
+        type=int,
+        help="loss mode: inputs are [B,T,H] hidden states and [V,H] heads (for --path hidden)",
+    )
+    ap.add_argument("--train-head", action="store_true", help="loss mode: the head gets grad too")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument(
@@ -534,11 +627,22 @@ def main(argv: list[str] | None = None) -> None:
         and not os.path.isfile(os.path.join(args.model_config, "config.json"))
     ):
         raise SystemExit(f"--model-config {args.model_config!r}: no config.json there")
+    paths = list(dict.fromkeys(_items(args.path)))
+    if any(p not in PATHS for p in paths):
+        raise SystemExit(f"--path {args.path}: expected names from {list(PATHS)}")
+    if args.mode == "loss" and "hidden" in paths and not args.hidden_size:
+        raise SystemExit("--path hidden in loss mode needs --hidden-size (e.g. 2048)")
     d = DEFAULTS[args.mode]
     vocab = _ints(args.vocab or d["vocab"], "--vocab", 2)
     seq_len = _ints(args.seq_len or d["seq_len"], "--seq-len", 1)
     batch = _ints(args.batch or d["batch"], "--batch", 1)
     names += [NAIVE] if args.naive else []
+    if args.mode == "loss" and args.hidden_size:
+        common_h = {"hidden_size": args.hidden_size, "head_grad": args.train_head}
+        names = [n for n in names if n != NAIVE]  # the naive reference takes logits
+    else:
+        common_h = {}
+    floors = [FLOOR, FLOOR_PREALLOC] if args.floor and args.mode == "loss" else []
     common = {
         "mode": args.mode,
         "dtype": args.dtype,
@@ -550,11 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "train_step":
         common |= {"model_config": args.model_config, "prompt_len": args.prompt_len}
     specs = [
-        {"estimator": n, "vocab_size": v, "seq_len": t, "batch": b, **common}
+        {"estimator": n, "vocab_size": v, "seq_len": t, "batch": b, **common, **extra}
         for v in vocab
         for t in seq_len
         for b in batch
-        for n in names
+        for n, extra in [(f, {}) for f in floors]
+        + [(n, {"path": p, **common_h}) for p in paths for n in names]
     ]
     from tqdm import tqdm
 

@@ -56,6 +56,7 @@ from vopd.batch import make_batch
 from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
 from vopd.gradstats import adam_moment_proxy
+from vopd.hidden import check_head
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
 from vopd.lock import run_lock
 from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the seams)
@@ -128,6 +129,10 @@ def load_models(cfg: TrainConfig, student_path: str, device: torch.device, *, ad
     teacher.eval().requires_grad_(False)
     student = policy.prepare_student(cfg, student, adapter=adapter)  # LoRA/full, dropout off
     student.train()
+    if cfg.loss_from_hidden:  # the hidden-state loss needs logits = last hidden @ head.T
+        ids = torch.arange(min(V, 8), device=device)[None]
+        for model in (student, teacher):
+            check_head(model, ids)
     return student, teacher, tokenizer, V
 
 

@@ -90,3 +90,25 @@ def test_failed_variant_is_recorded_not_raised():
 def test_bad_input(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["--device", "cpu", *argv])
+
+
+def test_both_paths_from_hidden_states(tmp_path):
+    """--path logits hidden with --hidden-size: the loss from materialised logits and from
+    hidden states (vopd.hidden), plus the floors; train_step runs either path, one forward each."""
+    out = tmp_path / "paths.parquet"
+    main(["--out", str(out), "--vocab", "3000", "--seq-len", "16", "--batch", "2", "--floor",
+          "--estimators", "vopd", "--path", "logits", "hidden", "--hidden-size", "8",
+          "--repeats", "1", "--threads", "1", "--device", "cpu"])  # fmt: skip
+    df = pd.read_parquet(out)
+    assert set(df.status) == {"ok"}
+    assert sorted(zip(df.estimator, df.path, strict=True)) == [
+        ("floor", "logits"), ("floor_prealloc", "logits"), ("vopd", "hidden"), ("vopd", "logits")
+    ]  # fmt: skip
+    assert set(df[df.estimator == "vopd"].hidden_size) == {8}
+    out = tmp_path / "train.parquet"
+    main(["--mode", "train_step", "--out", str(out), "--vocab", "27", "--seq-len", "4",
+          "--batch", "2", "--estimators", "vopd", "--path", "hidden", "--repeats", "1",
+          "--threads", "1", "--device", "cpu"])  # fmt: skip
+    row = pd.read_parquet(out).iloc[0]
+    assert row.status == "ok" and row.path == "hidden"
+    assert row.student_forwards_per_step == row.teacher_forwards_per_step == 1.0

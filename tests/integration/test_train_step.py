@@ -14,6 +14,7 @@ from vopd.rollout.hf import HFBackend
 from vopd.train import build_optimizer, load_models, load_prompts, train_step
 
 pytestmark = pytest.mark.integration
+LORA = {"finetune": "lora", "lora_r": 4, "lora_alpha": 8}
 
 
 def _cfg(tiny_models, tiny_world, **kw) -> TrainConfig:
@@ -129,3 +130,42 @@ def test_micro_batches_give_the_same_gradient(tiny_models, tiny_world):
             grads.append((m["loss"], torch.cat([p.grad.flatten() for p in student.parameters()])))
         assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
         torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "estimator,kw",
+    [(name, {}) for name in sorted(ESTIMATORS)]
+    + [
+        ("vopd", {"normalize": "seq_mean", "micro_batch_size": 3, "is_correction": True}),
+        ("vopd", {**LORA, "gradient_checkpointing": True}),
+        ("full_opd", {"dtype": "bfloat16"}),  # autocast: the head computes in bf16 either way
+    ],
+)
+def test_loss_from_hidden_gives_the_same_step(tiny_models, tiny_world, estimator, kw):
+    """loss_from_hidden (no [B,T,V] logits anywhere) = the logits path: the loss, the
+    diagnostics, the estimator's metrics and every parameter gradient of one step."""
+    cfg = _cfg(tiny_models, tiny_world, estimator=estimator, **kw)
+    student, _, tok, _ = load_models(cfg, cfg.student, torch.device("cpu"))
+    batch = make_batch(_rollouts(student, tok, load_prompts(cfg)[:8], seed=2), tok.pad_token_id,
+                       "cpu")  # fmt: skip
+    steps = []
+    for hidden in (False, True):
+        cfg = _cfg(tiny_models, tiny_world, estimator=estimator, loss_from_hidden=hidden, **kw)
+        student, teacher, _, V = load_models(cfg, cfg.student, torch.device("cpu"))
+        m = train_step(cfg, student, teacher, batch, V, sync=lambda: None)
+        assert all(p.grad is None for p in teacher.parameters())
+        steps.append((m, {n: p.grad for n, p in student.named_parameters()}))
+    (m_off, g_off), (m_on, g_on) = steps
+    # float32: the same math in another order; bf16: logits rounded to 8 bits by both paths,
+    # the hidden-state gradient once more after its chunk's scale (vopd.hidden).
+    rel, atol = (3e-2, 3e-3) if kw.get("dtype") == "bfloat16" else (1e-5, 1e-6)
+    for key in m_off:
+        if not key.startswith("time_"):
+            assert m_on[key] == pytest.approx(m_off[key], rel=rel, abs=atol), key
+    assert set(g_on) == set(g_off)
+    for name, g in g_off.items():
+        if g is None:
+            assert g_on[name] is None, name
+            continue
+        scale = float(g.abs().max())
+        torch.testing.assert_close(g_on[name], g, rtol=10 * rel, atol=atol * scale, msg=name)
