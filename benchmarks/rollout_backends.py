@@ -3,7 +3,7 @@
     python benchmarks/rollout_backends.py run --models resources/toy_smoke/models \\
         --prompts resources/toy_smoke/prompts/train.parquet --out /tmp/backends --steps 30
     python benchmarks/rollout_backends.py report --out /tmp/backends \\
-        --figure docs/results/rollout_backends_kl.png
+        --figure docs/img/rollout_backends_kl.png
 
 ``run`` trains ``--estimator`` (default vopd) for ``--steps`` steps with each backend and each
 seed, one process after another with one thread each (as the workflow's toy jobs), from
