@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS, NORMALIZE
+from vopd import catalog
+from vopd.catalog import NORMALIZE
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adam")
@@ -46,7 +47,7 @@ class TrainConfig:
 
     # --- estimator (vopd.estimators) ----------------------------------------------------------
     estimator: str = "vopd"
-    """One of vopd.estimators.ESTIMATORS."""
+    """An estimator of vopd.catalog (vopd.estimators.ESTIMATORS)."""
     top_k: int = 100
     """Top-k support of vopd_topk / topk_opd (official vopd-topk.yaml kl_top_k: 100); must be
     below the vocabulary size. Ignored by the other estimators, so one config can serve all."""
@@ -54,6 +55,10 @@ class TrainConfig:
     """sample_opd only: floor the reward at ln λ/(1 − λ) (official commit c77a078); None = off."""
     detach_reward: bool = True
     """sample_opd only: False reproduces the released undetached advantage (implicit +1)."""
+    clamp: float | None = None
+    """k3_loss only: clamp the k3 value to [−c, c] (verl low_var_kl uses 10); None = off."""
+    advantage: float = -1.0
+    """const_adv only: the constant advantage c (the null baseline; −1 by default)."""
     normalize: str = "token_mean"
     """token_mean: mean over all completion tokens of the step's rollout batch (official TRL
     "dapo"); seq_mean: mean of per-sequence token means."""
@@ -141,7 +146,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        _choice("estimator", self.estimator, tuple(ESTIMATORS))
+        _choice("estimator", self.estimator, tuple(catalog.names()))
         _choice("normalize", self.normalize, NORMALIZE)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -189,19 +194,23 @@ class TrainConfig:
                    hi_open=True)  # fmt: skip
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+        # Every estimator option is range-checked once, by its catalog declaration.
+        for name, option in catalog.OPTIONS.items():
+            option.check(getattr(self, name))
         # An option the chosen estimator does not read would silently do nothing: reject it.
         # (top_k is exempt: one config serves both top-k estimators and the others.)
-        for name in ("reward_clip_lambda", "detach_reward"):
+        reads = catalog.get(self.estimator).reads
+        for name in catalog.OPTIONS:
             default = _FIELDS[name].default
-            if getattr(self, name) != default and name not in ESTIMATOR_OPTIONS[self.estimator]:
+            if name != "top_k" and getattr(self, name) != default and name not in reads:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} has no effect with estimator "
-                    f"{self.estimator!r} (it reads {sorted(ESTIMATOR_OPTIONS[self.estimator])})"
+                    f"{self.estimator!r} (it reads {sorted(reads)})"
                 )
 
     def estimator_options(self) -> dict:
-        """Exactly the options the chosen estimator reads (vopd.estimators.ESTIMATOR_OPTIONS)."""
-        return {k: getattr(self, k) for k in sorted(ESTIMATOR_OPTIONS[self.estimator])}
+        """Exactly the options the chosen estimator reads (its vopd.catalog entry)."""
+        return {k: getattr(self, k) for k in sorted(catalog.get(self.estimator).reads)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,13 +10,22 @@ teacher (both full-vocabulary softmax), y_t the sampled token, sg = detach:
     r_t  = log q(y_t) − log p(y_t)                       (per-token reward; E_y[r_t] = −KL_t)
     KL_t = Σ_v p(v) [log p(v) − log q(v)]                (paper notes §1.1)
 
-| name         | d loss / d student logits                                             |
-| sample_opd   | −Σ_t w_t sg[r_t] ∇log p(y_t)                                          (§1.3) |
-| vopd         | −Σ_t w_t sg[r_t + KL_t] ∇log p(y_t)                                   (§1.5) |
-| vopd_topk    | same, KL over the student's top-k ids, both renormalised there        (§1.6) |
-| full_opd     | +Σ_t w_t ∇KL_t                                                       (§1.7a) |
-| topk_opd     | +Σ_t w_t ∇KL(p̃‖q̃) on the student's top-k ids (ids detached)         (§1.7b) |
-| opt_baseline | −Σ_t w_t sg[r_t − b*_t] ∇log p(y_t), b*_t the variance-optimal baseline      |
+Which estimators exist, their family, options and advantages live in :mod:`vopd.catalog`
+(``ESTIMATORS`` below is a live view of it). The paper's (docs/method.md), ours and the peers'
+(docs/estimators.md):
+
+| name            | d loss / d student logits                                                  |
+| sample_opd      | −Σ_t w_t sg[r_t] ∇log p(y_t)                                               |
+| vopd            | −Σ_t w_t sg[r_t + KL_t] ∇log p(y_t)                                        |
+| vopd_topk       | same, KL over the student's top-k ids, both renormalised there             |
+| full_opd        | +Σ_t w_t ∇KL_t                                                             |
+| topk_opd        | +Σ_t w_t ∇KL(p̃‖q̃) on the student's top-k ids (ids detached)              |
+| opt_baseline    | −Σ_t w_t sg[r_t − b*_t] ∇log p(y_t), b*_t the variance-optimal baseline    |
+| k1_loss         | +Σ_t w_t ∇log p(y_t)                      (expectation 0)                  |
+| k2_loss         | −Σ_t w_t sg[r_t] ∇log p(y_t)              (= sample_opd, sample by sample) |
+| k3_loss         | +Σ_t w_t (1 − q(y_t)/p(y_t)) ∇log p(y_t)  (expectation ∇ forward KL)       |
+| forward_kl_topk | +Σ_t w_t (p − q̃), q̃ the teacher renormalised on its top-k ids            |
+| const_adv       | −Σ_t w_t c ∇log p(y_t)                    (expectation 0; no teacher)      |
 
 w_t are the normalisation weights: ``token_mean`` (default) w_t = m_t / Σm, the official TRL
 "dapo" global token mean; ``seq_mean`` w_t = m_t / (n_b · B'), the mean of per-sequence token
@@ -35,13 +44,16 @@ inputs) whatever the input dtype.
 
 from __future__ import annotations
 
-import math
+import functools
+import importlib
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-NORMALIZE = ("token_mean", "seq_mean")
-DEFAULT_TOP_K = 100  # official configs/training/vopd-topk.yaml: kl_top_k: 100
+from vopd import catalog
+from vopd.catalog import DEFAULT_TOP_K, NORMALIZE  # noqa: F401  (re-exported)
+
 _CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per temporary
 
 
@@ -292,22 +304,21 @@ def _weights(m_BT: Tensor, normalize: str) -> Tensor:
     return m_BT / (n_B.clamp_min(1e-12) * live)
 
 
-ALL_OPTIONS = ("top_k", "reward_clip_lambda", "detach_reward", "normalize", "chunk_rows")
-
-
-def _check_other(other: dict) -> None:
-    """Options another estimator reads are accepted and ignored; unknown names are an error."""
-    for key, value in other.items():
-        if key not in ALL_OPTIONS:
-            raise ValueError(f"unknown estimator option {key!r}: expected one of {ALL_OPTIONS}")
-        if key == "reward_clip_lambda" and value is not None and not 0.0 < float(value) < 1.0:
-            raise ValueError(f"reward_clip_lambda={value!r}: expected a value in (0, 1)")
-
-
-def _check_top_k(top_k: int, V: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V:
-        raise ValueError(f"top_k={top_k!r}: expected an integer in [1, V={V}]")
-    return top_k
+def _options(spec: catalog.EstimatorSpec, options: dict, V: int) -> dict:
+    """The options ``spec`` reads (defaults filled in), validated. Options that only other
+    estimators read are range-checked and ignored, so one options dict can serve every
+    estimator; unknown names are an error."""
+    for key, value in options.items():
+        if key not in catalog.OPTIONS and key not in catalog.RUNTIME_OPTIONS:
+            raise ValueError(
+                f"unknown estimator option {key!r}: expected one of {sorted(catalog.OPTIONS)}"
+            )
+        if key in catalog.OPTIONS and key not in spec.reads:
+            catalog.OPTIONS[key].check(value)
+    out = spec.defaults() | {k: v for k, v in options.items() if k in spec.reads}
+    for key in spec.options:
+        out[key] = catalog.OPTIONS[key].check(out[key], vocab_size=V)
+    return out
 
 
 def _flat(x_BTV: Tensor) -> Tensor:
@@ -324,245 +335,238 @@ def _wmean_std(x_BT: Tensor, m_BT: Tensor) -> tuple[float, float]:
 # Policy-gradient estimators: one sampled token per position, a detached advantage.
 
 
-def _pg(
-    student,
-    teacher,
-    tokens,
-    mask,
-    normalize,
-    chunk_rows,
-    baseline,
+@torch.no_grad()
+def advantage_stats(
+    spec: catalog.EstimatorSpec,
+    student_NV: Tensor,
+    teacher_NV: Tensor,
+    tokens_N: Tensor,
+    options: dict,
     *,
-    top_k=None,
-    clip_floor=None,
-    detach=True,
-):
-    """Shared body: advantage A_t = r_t − b_t, loss gradient −Σ w_t A_t ∇log p(y_t).
-
-    ``baseline`` is None, "kl", "topk" (with ``top_k``) or "opt". The top-k baseline is −KL(p̃‖q̃)
-    (§1.6)."""
-    m_BT = _check(student, teacher, tokens, mask, normalize)
-    B, T, V = student.shape
-    k = _check_top_k(top_k, V) if baseline == "topk" else 0
-    w_BT = _weights(m_BT, normalize)
-    y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
+    chunk_rows: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The row statistics of :func:`row_stats` (``lse_p``, ``logp_y``, ...) and the per-row
+    statistics ``spec.advantage`` asks for (``kl``, ``b_opt``, ``kl_topk``), from one chunked
+    no-grad pass (plus a top-k gather for ``kl_topk``). Shared by the estimator and the exact
+    variance probe (:mod:`vopd.variance`), so the advantage is defined once."""
     st = row_stats(
-        _flat(student),
-        _flat(teacher),
-        y_N,
-        kl=baseline == "kl",
-        opt_baseline=baseline == "opt",
+        student_NV,
+        teacher_NV,
+        tokens_N,
+        kl="kl" in spec.stats,
+        opt_baseline="b_opt" in spec.stats,
         chunk_rows=chunk_rows,
     )
+    extra: dict[str, Tensor] = {}
+    if "kl" in spec.stats:
+        extra["kl"] = st["kl"]
+    if "b_opt" in spec.stats:
+        extra["b_opt"] = st["b_opt"]
+    if "kl_topk" in spec.stats:
+        k = options["top_k"]
+        ids_NK = topk_ids(student_NV, k, chunk_rows=chunk_rows)
+        extra["kl_topk"] = reverse_kl_topk(
+            student_NV[None], teacher_NV[None], k, ids_BTK=ids_NK[None]
+        )[0]
+        acc = st["lse_p"].dtype
+        extra["student_mass"] = (
+            torch.logsumexp(student_NV.gather(-1, ids_NK).to(acc), -1) - st["lse_p"]
+        ).exp()
+        extra["teacher_mass"] = (
+            torch.logsumexp(teacher_NV.gather(-1, ids_NK).to(acc), -1) - st["lse_q"]
+        ).exp()
+    return st, extra
+
+
+def _pg(spec: catalog.EstimatorSpec, student, teacher, tokens, mask, *, chunk_rows=None, **opts):
+    """Every policy-gradient estimator: A_t = spec.advantage(r_t, stats_t, options), loss
+    gradient −Σ w_t sg[A_t] ∇log p(y_t); the loss *value* is Σ w_t (−r_t), the single-sample
+    estimate of the weighted reverse KL, so values compare across estimators."""
+    B, T, V = student.shape
+    options = _options(spec, opts, V)
+    m_BT = _check(student, teacher, tokens, mask, options["normalize"])
+    w_BT = _weights(m_BT, options["normalize"])
+    y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
+    st, extra = advantage_stats(
+        spec, _flat(student), _flat(teacher), y_N, options, chunk_rows=chunk_rows
+    )
     r_BT = (st["logq_y"] - st["logp_y"]).view(B, T)
+    stats_BT = {k: v.view(B, T) for k, v in extra.items()}
+    adv_BT = spec.advantage(r_BT, stats_BT, options)
     metrics = {"reward_mean": _wmean_std(r_BT, m_BT)[0]}
-    if baseline == "kl":
-        b_BT = -st["kl"].view(B, T)  # V(s_t) = −KL_t, the closed-form value (§1.4)
-        metrics["kl_mean"] = _wmean_std(-b_BT, m_BT)[0]
-    elif baseline == "opt":
-        b_BT = st["b_opt"].view(B, T)
+    if "kl" in st:
         metrics["kl_mean"] = _wmean_std(st["kl"].view(B, T), m_BT)[0]
-    elif k:
-        with torch.no_grad():
-            ids_BTK = topk_ids(_flat(student), k, chunk_rows=chunk_rows).view(B, T, k)
-            b_BT = -reverse_kl_topk(student, teacher, k, ids_BTK=ids_BTK)
-            acc = st["lse_p"].dtype
-            mass_p = torch.logsumexp(student.gather(-1, ids_BTK).to(acc), -1) - st["lse_p"].view(
-                B, T
-            )
-            mass_q = torch.logsumexp(teacher.gather(-1, ids_BTK).to(acc), -1) - st["lse_q"].view(
-                B, T
-            )
-        metrics |= {
-            "kl_topk_mean": _wmean_std(-b_BT, m_BT)[0],
-            "student_mass": _wmean_std(mass_p.exp(), m_BT)[0],
-            "teacher_mass": _wmean_std(mass_q.exp(), m_BT)[0],
-        }
-    else:
-        b_BT = torch.zeros_like(r_BT)
-    adv_BT = r_BT - b_BT
-    if clip_floor is not None:
-        adv_BT = adv_BT.clamp_min(clip_floor)  # r̂ = max(sg[r], ln λ/(1−λ)) (opd_trainer.py:62-65)
-    elif not detach:
-        adv_BT = (
-            adv_BT - 1.0
-        )  # ∇(−exp(lp − sg[lp])·r) = −(r − 1)∇lp: the released path (ref-sem §2)
+    if "kl_topk" in stats_BT:
+        metrics["kl_topk_mean"] = _wmean_std(stats_BT["kl_topk"], m_BT)[0]
+        metrics["student_mass"] = _wmean_std(stats_BT["student_mass"], m_BT)[0]
+        metrics["teacher_mass"] = _wmean_std(stats_BT["teacher_mass"], m_BT)[0]
     metrics["adv_mean"], metrics["adv_std"] = _wmean_std(adv_BT, m_BT)
-    metrics["baseline_mean"] = _wmean_std(b_BT, m_BT)[0]
+    if spec.baseline is not None:
+        metrics["baseline_mean"] = _wmean_std(r_BT - adv_BT, m_BT)[0]
     logp_BT = _SelectiveLogSoftmax.apply(_flat(student), y_N, st["lse_p"], chunk_rows).view(B, T)
     surrogate = -(w_BT * adv_BT.detach() * logp_BT).sum()  # sg[A]: the advantage is a constant
     value = (w_BT * -r_BT).sum()  # single-sample estimate of the weighted reverse KL
     return value + surrogate - surrogate.detach(), metrics
 
 
-def sample_opd(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    normalize="token_mean",
-    reward_clip_lambda=None,
-    detach_reward=True,
-    chunk_rows=None,
-    **other,
-):
-    """Sample OPD (official ``tml``, §1.3): −Σ w_t sg[r_t] ∇log p(y_t).
-
-    ``reward_clip_lambda=λ`` ∈ (0, 1) floors the reward at ln λ/(1 − λ) (commit c77a078; the
-    clipped advantage is detached). ``detach_reward=False`` reproduces the released undetached
-    advantage, whose gradient is −Σ w_t (r_t − 1) ∇log p(y_t): an implicit constant baseline of +1.
-    Options that only other estimators read (``top_k``) are accepted and ignored."""
-    _check_other(other)
-    floor = None
-    if reward_clip_lambda is not None:
-        lam = float(reward_clip_lambda)
-        if not 0.0 < lam < 1.0:
-            raise ValueError(
-                f"reward_clip_lambda={reward_clip_lambda!r}: expected a value in (0, 1)"
-            )
-        floor = math.log(lam) / (1.0 - lam)
-    return _pg(
-        student_logits_BTV,
-        teacher_logits_BTV,
-        tokens_BT,
-        mask_BT,
-        normalize,
-        chunk_rows,
-        None,
-        clip_floor=floor,
-        detach=bool(detach_reward),
-    )
-
-
-def vopd(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    normalize="token_mean",
-    chunk_rows=None,
-    **other,
-):
-    """vOPD (§1.5, ``vopd.yaml``): −Σ w_t sg[r_t + KL_t] ∇log p(y_t). The baseline −KL_t comes from
-    the same logits in one no-grad pass. Reward options act on ``sample_opd`` only (as in the
-    official code)."""
-    _check_other(other)
-    return _pg(
-        student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize, chunk_rows, "kl"
-    )
-
-
-def vopd_topk(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    top_k=DEFAULT_TOP_K,
-    normalize="token_mean",
-    chunk_rows=None,
-    **other,
-):
-    """vOPD with the top-k baseline (§1.6, ``vopd-topk.yaml``): −Σ w_t sg[r_t + KL(p̃‖q̃)_t]
-    ∇log p(y_t), S_t the student's top-k; r_t keeps full-vocabulary normalisation. Unbiased for
-    every k; equals ``vopd`` at k = V."""
-    _check_other(other)
-    return _pg(
-        student_logits_BTV,
-        teacher_logits_BTV,
-        tokens_BT,
-        mask_BT,
-        normalize,
-        chunk_rows,
-        "topk",
-        top_k=top_k,
-    )
-
-
-def opt_baseline(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    normalize="token_mean",
-    chunk_rows=None,
-    **other,
-):
-    """Beyond the paper: −Σ w_t sg[r_t − b*_t] ∇log p(y_t) with the per-position baseline b*_t that
-    minimises the logit-space gradient variance (see ``row_stats``). Unbiased; at least as low a
-    per-position logit-space variance as ``vopd``."""
-    _check_other(other)
-    return _pg(
-        student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize, chunk_rows, "opt"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Exact (Rao–Blackwellised) estimators: differentiate the KL itself.
+# Exact (Rao–Blackwellised) estimators: differentiate a divergence itself.
 
 
 def full_opd(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    normalize="token_mean",
-    chunk_rows=None,
-    **other,
+    student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, *, chunk_rows=None, **options
 ):
-    """Full-vocabulary reverse-KL OPD (official ``gkd_rkl``, §1.7a): loss Σ_t w_t KL_t, gradient
-    by the chunked analytic backward. The official run scales this by GA = 64 relative to the PG
-    methods (reference-semantics §1); here every estimator shares one normalisation."""
-    _check_other(other)
-    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize)
+    """Full-vocabulary reverse-KL OPD (official ``gkd_rkl``, docs/method.md): loss Σ_t w_t KL_t,
+    gradient by the chunked analytic backward. The official run scales this by GA = 64 relative
+    to the PG methods (docs/method.md, "normalisation"); here every estimator shares one
+    normalisation."""
+    opts = _options(catalog.get("full_opd"), options, student_logits_BTV.shape[-1])
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
     kl_BT = reverse_kl_full(student_logits_BTV, teacher_logits_BTV, chunk_rows=chunk_rows)
-    return (_weights(m_BT, normalize) * kl_BT).sum(), {
+    return (_weights(m_BT, opts["normalize"]) * kl_BT).sum(), {
         "kl_mean": _wmean_std(kl_BT.detach(), m_BT)[0]
     }
 
 
 def topk_opd(
-    student_logits_BTV,
-    teacher_logits_BTV,
-    tokens_BT,
-    mask_BT,
-    *,
-    top_k=DEFAULT_TOP_K,
-    normalize="token_mean",
-    chunk_rows=None,
-    **other,
+    student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, *, chunk_rows=None, **options
 ):
-    """Top-k OPD (§1.7b, ``_topk_opd_single_step_loss``): loss Σ_t w_t KL(p̃‖q̃)_t on the student's
-    top-k ids (detached), both renormalised, tail dropped. Biased for k < V; equals ``full_opd`` at
+    """Top-k OPD (``_topk_opd_single_step_loss``): loss Σ_t w_t KL(p̃‖q̃)_t on the student's top-k
+    ids (detached), both renormalised, tail dropped. Biased for k < V; equals ``full_opd`` at
     k = V. The official code has no config for it, so ``top_k`` defaults to the vOPD-top-k 100."""
-    _check_other(other)
-    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, normalize)
-    k = _check_top_k(top_k, student_logits_BTV.shape[-1])
-    kl_BT = reverse_kl_topk(student_logits_BTV, teacher_logits_BTV, k, chunk_rows=chunk_rows)
-    loss = (_weights(m_BT, normalize) * kl_BT).sum()
+    opts = _options(catalog.get("topk_opd"), options, student_logits_BTV.shape[-1])
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
+    kl_BT = reverse_kl_topk(
+        student_logits_BTV, teacher_logits_BTV, opts["top_k"], chunk_rows=chunk_rows
+    )
+    loss = (_weights(m_BT, opts["normalize"]) * kl_BT).sum()
     return loss, {"kl_topk_mean": _wmean_std(kl_BT.detach(), m_BT)[0]}
 
 
-ESTIMATORS = {
-    "sample_opd": sample_opd,
-    "vopd": vopd,
-    "vopd_topk": vopd_topk,
-    "full_opd": full_opd,
-    "topk_opd": topk_opd,
-    "opt_baseline": opt_baseline,
-}
-# Which options each estimator reads (others are accepted and ignored); trainers use this to
-# reject a config that sets an option that would have no effect.
-ESTIMATOR_OPTIONS = {
-    "sample_opd": {"normalize", "reward_clip_lambda", "detach_reward"},
-    "vopd": {"normalize"},
-    "vopd_topk": {"normalize", "top_k"},
-    "full_opd": {"normalize"},
-    "topk_opd": {"normalize", "top_k"},
-    "opt_baseline": {"normalize"},
-}
-UNBIASED = ("sample_opd", "vopd", "vopd_topk", "full_opd", "opt_baseline")
+class _WeightedLogSoftmax(torch.autograd.Function):
+    """Σ_k c_nk log p(v_nk) for ids v [N, K] and constant weights c [N, K]; backward writes
+    g_n (Σ_k c_nk e_{v_nk} − (Σ_k c_nk) softmax(z_n)) chunk by chunk (no [N, V] saved)."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, ids_NK, c_NK, lse_N, chunk_rows):
+        ctx.save_for_backward(logits_NV, ids_NK, c_NK, lse_N)
+        ctx.chunk_rows = chunk_rows
+        logp_NK = logits_NV.gather(-1, ids_NK).to(lse_N.dtype) - lse_N[:, None]
+        return (c_NK * logp_NK).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_NV, ids_NK, c_NK, lse_N = ctx.saved_tensors
+        rows = _chunk_rows(logits_NV.shape[1], ctx.chunk_rows)
+        grad_NV = torch.empty_like(logits_NV)
+        for a in range(0, logits_NV.shape[0], rows):
+            sl = slice(a, a + rows)
+            g = grad_N[sl, None].to(lse_N.dtype)
+            c = c_NK[sl] * g
+            chunk = torch.exp(logits_NV[sl].to(lse_N.dtype) - lse_N[sl, None]).mul_(
+                -c.sum(-1, keepdim=True)
+            )
+            chunk.scatter_add_(-1, ids_NK[sl], c)
+            grad_NV[sl] = chunk
+        return grad_NV, None, None, None, None
+
+
+def forward_kl_topk(
+    student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, *, chunk_rows=None, **options
+):
+    """Teacher top-k forward KL (verl's on-policy distillation ``forward_kl_topk``): loss
+    Σ_t w_t Σ_{v∈S_t} q̃(v) (log q̃(v) − log p(v)), S_t the teacher's top-k ids (detached),
+    q̃ = q renormalised on S_t, p the student's full-vocabulary softmax. Gradient w.r.t. the
+    student logits: Σ_t w_t (p − q̃) (q̃ zero outside S_t). Its expectation is not ∇ reverse KL
+    at any k (at k = V it is ∇ forward KL(q‖p)). The loss *value* reported is Σ_t w_t KL_t, the
+    weighted reverse KL from the same pass, as for the other estimators; the forward KL itself
+    is the metric ``forward_kl_topk_mean``."""
+    B, T, V = student_logits_BTV.shape
+    opts = _options(catalog.get("forward_kl_topk"), options, V)
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
+    w_BT = _weights(m_BT, opts["normalize"])
+    s_NV, t_NV = _flat(student_logits_BTV), _flat(teacher_logits_BTV).detach()
+    dummy_N = torch.zeros(B * T, dtype=torch.long, device=s_NV.device)
+    st = row_stats(s_NV.detach(), t_NV, dummy_N, kl=True, chunk_rows=chunk_rows)
+    with torch.no_grad():
+        ids_NK = topk_ids(t_NV, opts["top_k"], chunk_rows=chunk_rows)
+        logq_NK = torch.log_softmax(t_NV.gather(-1, ids_NK).to(st["lse_p"].dtype), -1)
+        q_NK = logq_NK.exp()
+        neg_entropy_N = (q_NK * logq_NK).sum(-1)
+        teacher_mass_N = (
+            torch.logsumexp(t_NV.gather(-1, ids_NK).to(q_NK.dtype), -1) - st["lse_q"]
+        ).exp()
+    cross_N = _WeightedLogSoftmax.apply(s_NV, ids_NK, q_NK, st["lse_p"], chunk_rows)
+    fkl_BT = (neg_entropy_N - cross_N).view(B, T)
+    surrogate = (w_BT * fkl_BT).sum()
+    value = (w_BT * st["kl"].view(B, T)).sum()
+    metrics = {
+        "kl_mean": _wmean_std(st["kl"].view(B, T), m_BT)[0],
+        "forward_kl_topk_mean": _wmean_std(fkl_BT.detach(), m_BT)[0],
+        "teacher_mass": _wmean_std(teacher_mass_N.view(B, T), m_BT)[0],
+    }
+    return value + surrogate - surrogate.detach(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: a live view of vopd.catalog (an estimator registered there appears here).
+
+
+def estimator_fn(name: str):
+    """The function of estimator ``name``: a pg one is built from its catalog advantage, an
+    exact one is the catalog's ``fn`` (imported lazily when given as ``"module:attr"``)."""
+    spec = catalog.get(name)
+    if spec.family == "pg":
+        fn = functools.partial(_pg, spec)
+        functools.update_wrapper(fn, _pg)
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = f"{spec.label}: {spec.gradient} (vopd.catalog; source: {spec.source})."
+        return fn
+    if isinstance(spec.fn, str):
+        module, attr = spec.fn.split(":")
+        return getattr(importlib.import_module(module), attr)
+    return spec.fn
+
+
+class _Registry(Mapping):
+    """``ESTIMATORS[name]`` → ``loss, metrics = fn(student, teacher, tokens, mask, **options)``;
+    iterates in catalog display order."""
+
+    def __getitem__(self, name):
+        if name not in catalog.names():
+            raise KeyError(name)
+        return estimator_fn(name)
+
+    def __iter__(self):
+        return iter(catalog.names())
+
+    def __len__(self):
+        return len(catalog.names())
+
+
+class _Options(Mapping):
+    """``ESTIMATOR_OPTIONS[name]``: the set of options the estimator reads (``normalize`` too)."""
+
+    def __getitem__(self, name):
+        if name not in catalog.names():
+            raise KeyError(name)
+        return set(catalog.get(name).reads)
+
+    def __iter__(self):
+        return iter(catalog.names())
+
+    def __len__(self):
+        return len(catalog.names())
+
+
+ESTIMATORS: Mapping = _Registry()
+ESTIMATOR_OPTIONS: Mapping = _Options()
+
+sample_opd = estimator_fn("sample_opd")
+vopd = estimator_fn("vopd")
+vopd_topk = estimator_fn("vopd_topk")
+opt_baseline = estimator_fn("opt_baseline")
+k1_loss = estimator_fn("k1_loss")
+k2_loss = estimator_fn("k2_loss")
+k3_loss = estimator_fn("k3_loss")
+const_adv = estimator_fn("const_adv")

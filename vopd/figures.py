@@ -24,9 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vopd import catalog
 from vopd.io import atomic_path
 from vopd.report import (
-    ESTIMATOR_ORDER,
     REFERENCE_LABEL,
     cost_summary,
     estimator_order,
@@ -40,10 +40,11 @@ CURVE_METRICS = ("kl_mean", "grad_norm", "response_len", "entropy")
 
 
 def color(estimator: str):
-    palette = plt.get_cmap("tab10").colors
-    if estimator in ESTIMATOR_ORDER:
-        return palette[ESTIMATOR_ORDER.index(estimator)]
-    return palette[6 + sum(map(ord, estimator)) % 4]
+    palette = plt.get_cmap("tab20").colors
+    names = catalog.names()
+    if estimator in names:
+        return palette[names.index(estimator) % len(palette)]
+    return palette[sum(map(ord, estimator)) % len(palette)]
 
 
 def save(fig, results_dir: Path, name: str) -> None:

@@ -9,8 +9,9 @@ reference-semantics.md §0) corrects for it per sequence:
 computed without gradient (log p_train is the current policy's no-grad log-prob, i.e. TRL's
 "old" log-prob, equal to the trained one because each rollout batch gets one update). w_b
 multiplies the policy-gradient loss only (``grpo_trainer.py:2050-2075, 2547-2548``); there is no
-lower bound. ``PG_ESTIMATORS`` lists the estimators it applies to: the exact estimators
-(full_opd, topk_opd) differentiate the KL itself and the official code does not weight it.
+lower bound. It applies to the estimators that use a sampled token (the catalog's ``pg``
+family, ``vopd.catalog.sampled()``): the exact ones (full_opd, topk_opd, forward_kl_topk)
+differentiate a divergence itself and the official code does not weight them.
 
 The trainer logs the mismatch every step whenever the backend returns sampler log-probs, whether
 or not the correction is on (anchors.md §3.7: the train/inference gap is a known failure mode).
@@ -22,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vopd import catalog
+
 IS_CAP = 3.0  # TRL v1.2.0 GRPOConfig vllm_importance_sampling_cap default
-PG_ESTIMATORS = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")
 
 
 def sampler_logprobs_tensor(
@@ -117,6 +119,6 @@ def step_weights(
         return None
     if logp_sampler_BT is None:
         raise ValueError("is_correction=true needs the rollout backend's sampler log-probs")
-    if estimator not in PG_ESTIMATORS:
+    if not catalog.get(estimator).sampled:
         return None
     return sequence_is_weights(logp_train_BT, logp_sampler_BT, mask_BT, cap=cap)

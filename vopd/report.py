@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vopd import catalog  # torch-free: display order and labels of the estimators
 from vopd.io import write_text
 
-# The order of vopd.estimators.ESTIMATORS (not imported: this module never imports torch).
-ESTIMATOR_ORDER = ("sample_opd", "vopd", "vopd_topk", "full_opd", "topk_opd", "opt_baseline")
 TABLES = ("accuracy", "training", "variance", "cost")
 # How the reference rows (models evaluated without OPD) are labelled in tables and figures.
 REFERENCE_LABEL = {"student": "student (before OPD)", "teacher": "teacher"}
@@ -130,9 +129,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def estimator_order(names) -> list[str]:
-    names = set(names)
-    known = [e for e in ESTIMATOR_ORDER if e in names]
-    return known + sorted(names - set(known))
+    """Catalog display order (vopd.catalog); names it does not know come last, sorted."""
+    return sorted(set(names), key=catalog.order_key)
 
 
 # ---- accuracy -------------------------------------------------------------------------------

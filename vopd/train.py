@@ -48,9 +48,9 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
+from vopd import catalog, policy
 from vopd import checkpoint as ckpt
 from vopd import distributed as dist
-from vopd import policy
 from vopd.batch import make_batch
 from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
@@ -60,8 +60,6 @@ from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the 
 from vopd.models import load_model, load_tokenizer, resolve_model_path
 from vopd.rollout import SamplingParams
 from vopd.vocab import logit_rows, shared_vocab
-
-TOPK_ESTIMATORS = ("vopd_topk", "topk_opd")
 
 hf_logging.disable_progress_bar()  # our own bar only: no per-checkpoint "Writing model shards"
 
@@ -120,7 +118,7 @@ def load_models(cfg: TrainConfig, student_path: str, device: torch.device, *, ad
     for note in plan.notes:
         print(f"vocab: {note}", file=sys.stderr)
     V = plan.rows
-    if cfg.estimator in TOPK_ESTIMATORS and cfg.top_k >= V:
+    if catalog.get(cfg.estimator).top_k and cfg.top_k >= V:
         raise ValueError(
             f"top_k={cfg.top_k} >= vocabulary size {V}: estimator {cfg.estimator!r} would cover "
             f"the whole vocabulary; set top_k < {V}"

@@ -37,6 +37,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,23 +47,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from vopd import catalog, policy
 from vopd import distributed as dist
-from vopd import policy
 from vopd.batch import RolloutBatch, completion_logits, make_batch
 from vopd.chat import chat_prompt
 from vopd.config import load_config
-from vopd.estimators import (
-    ESTIMATOR_OPTIONS,
-    ESTIMATORS,
-    reverse_kl_full,
-    reverse_kl_topk,
-    row_stats,
-)
+from vopd.estimators import ESTIMATORS, advantage_stats, reverse_kl_full
 from vopd.io import read_jsonl, write_parquet
 from vopd.rollout import get_backend
 
-PG_BASELINES = ("sample_opd", "vopd", "vopd_topk", "opt_baseline")  # per-position baselines
-EXACT_ESTIMATORS = ("full_opd", "topk_opd")  # no sampled token: zero per-position variance
 REF_VARIANCE = "sample_opd"
 REF_MEAN = "full_opd"
 
@@ -71,52 +64,77 @@ REF_MEAN = "full_opd"
 # Exact per-position variance in logit space (a closed-form sum over the vocabulary).
 
 
+def as_variants(estimators, *, top_k: int | None = None) -> dict[str, catalog.Variant]:
+    """The probe's subjects: a mapping of variants, or estimator names (each its own variant,
+    with the run's ``top_k`` if it reads one). ``sample_opd`` as a name keeps its plain,
+    detached, unclipped reward; a variant keeps exactly its options."""
+    if isinstance(estimators, Mapping):
+        return dict(estimators)
+    out = {}
+    for name in estimators:
+        spec = catalog.get(name)
+        opts = {"top_k": top_k} if spec.top_k and top_k is not None else {}
+        out[name] = catalog.Variant(name, name, opts)
+    return out
+
+
 @torch.no_grad()
 def position_variance(
     student_NV: Tensor,
     teacher_NV: Tensor,
-    baselines_N: dict[str, Tensor],
+    variants: dict[str, catalog.Variant],
     *,
     chunk_rows: int | None = None,
 ) -> dict[str, Tensor]:
-    """Exact Var_y of the logit gradient g_b(y) = (r(y) − b)(e_y − p), y ~ p, per row, float64.
+    """Exact Var_y of each pg variant's logit gradient g(y) = −A(y)(e_y − p), y ~ p, per row,
+    float64, with A the catalog's advantage evaluated at every vocabulary id (the same function
+    the estimator evaluates at the sampled token). With w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)²
+    and Ā = Σ_v p(v) A(v):
 
-    With r(v) = log q(v) − log p(v), w_v = ‖e_v − p‖² = 1 − 2p(v) + Σ_u p(u)², and the sums
-    S_j = Σ_v p(v) w_v r(v)^j (j = 0, 1, 2):
+        E_y‖g‖² = Σ_v p(v) w_v A(v)²,   E_y g = −p ⊙ (A − Ā),   V = E_y‖g‖² − ‖E_y g‖².
 
-        E_y‖g_b‖² = S_2 − 2b S_1 + b² S_0,   E_y g_b = μ = p ⊙ (r + KL)  (for every b),
-        V(b) = S_2 − 2b S_1 + b² S_0 − ‖μ‖²,  b* = S_1 / S_0,  V(b) − V(b*) = S_0 (b − b*)².
-
-    Returns ``{name: V(b_name)}`` for each baseline given, plus ``b_star``, ``irreducible``
-    (= V(b*)), ``zero`` (= V(0), ``sample_opd``'s) and ``signal`` (= ‖μ‖² = ‖∇_z KL‖²). A
-    one-hot p has S_0 = 0 and g ≡ 0: V = 0."""
+    For A = r − b (a per-position baseline b), with S_j = Σ_v p w r^j: V(b) = S_2 − 2b S_1 +
+    b² S_0 − ‖μ‖², minimised by b* = S_1/S_0, and V(b) − V(b*) = S_0 (b − b*)². Returns
+    ``{name: V}`` per pg variant, ``{name + "/bias": ‖E_y g − ∇_z KL‖²}`` (0 for the unbiased
+    ones), and ``b_star``, ``irreducible`` (V(b*)), ``zero`` (V(0), sample OPD's) and ``signal``
+    (‖∇_z KL‖² = ‖p ⊙ (r + KL)‖²). A one-hot p has g ≡ 0 (V = 0) for a bounded advantage;
+    k3's A = q/p − 1 is not bounded, and its variance ≈ 2 Σ q²/p grows without limit there."""
     N, V = student_NV.shape
     rows = chunk_rows or max(1, (1 << 21) // V)
     D = torch.float64
-    out = {k: torch.empty(N, dtype=D, device=student_NV.device) for k in baselines_N}
-    for k in ("b_star", "irreducible", "zero", "signal"):
-        out[k] = torch.empty(N, dtype=D, device=student_NV.device)
+    pg = {n: v for n, v in variants.items() if catalog.get(v.estimator).sampled}
+    keys = [*pg, *(f"{n}/bias" for n in pg), "b_star", "irreducible", "zero", "signal"]
+    out = {k: torch.empty(N, dtype=D, device=student_NV.device) for k in keys}
+    y_N = torch.zeros(N, dtype=torch.long, device=student_NV.device)
     for a in range(0, N, rows):
         sl = slice(a, a + rows)
-        logp = student_NV[sl].to(D).log_softmax(-1)
-        logq = teacher_NV[sl].to(D).log_softmax(-1)
+        s_NV, t_NV = student_NV[sl].to(D), teacher_NV[sl].to(D)
+        logp, logq = s_NV.log_softmax(-1), t_NV.log_softmax(-1)
         p = logp.exp()
         r = logq - logp
         kl = -(p * r).sum(-1, keepdim=True)
         w = 1.0 - 2.0 * p + (p * p).sum(-1, keepdim=True)
         pw = p * w
         s0, s1, s2 = pw.sum(-1), (pw * r).sum(-1), (pw * r * r).sum(-1)
-        mu2 = (p * p * (r + kl) ** 2).sum(-1)
+        mu_NV = p * (r + kl)  # −∇_z KL: the mean every unbiased pg estimator targets
+        mu2 = (mu_NV * mu_NV).sum(-1)
         live = s0 > 1e-300
         b_star = torch.where(live, s1 / s0.clamp_min(1e-300), -kl[:, 0])
-        out["b_star"][sl] = b_star
-        out["signal"][sl] = mu2
-
-        sums = (s0, s1, s2, mu2, live)
-        out["irreducible"][sl] = _quadratic_variance(b_star, *sums)
-        out["zero"][sl] = _quadratic_variance(torch.zeros_like(b_star), *sums)
-        for name, b_N in baselines_N.items():
-            out[name][sl] = _quadratic_variance(b_N[sl].to(D), *sums)
+        out["b_star"][sl], out["signal"][sl] = b_star, mu2
+        out["irreducible"][sl] = _quadratic_variance(b_star, s0, s1, s2, mu2, live)
+        out["zero"][sl] = _quadratic_variance(torch.zeros_like(b_star), s0, s1, s2, mu2, live)
+        for name, variant in pg.items():
+            spec = catalog.get(variant.estimator)
+            opts = spec.defaults() | variant.options
+            if spec.top_k:
+                opts["top_k"] = min(opts["top_k"], V)
+            _, extra = advantage_stats(spec, s_NV, t_NV, y_N[sl], opts)
+            adv_NV = spec.advantage(r, {k: v[:, None] for k, v in extra.items()}, opts)
+            centred_NV = p * (adv_NV - (p * adv_NV).sum(-1, keepdim=True))  # −E_y g
+            second = (pw * adv_NV * adv_NV).sum(-1)
+            var = second - (centred_NV * centred_NV).sum(-1)
+            out[name][sl] = torch.where(live, var.clamp_min(0.0), torch.zeros_like(var))
+            out[f"{name}/bias"][sl] = ((centred_NV - mu_NV) ** 2).sum(-1)
     return out
 
 
@@ -126,73 +144,68 @@ def _quadratic_variance(b, s0, s1, s2, mu2, live):
     return torch.where(live, v.clamp_min(0.0), torch.zeros_like(v))
 
 
-@torch.no_grad()
-def estimator_baselines(
-    student_NV: Tensor, teacher_NV: Tensor, *, top_k: int, chunk_rows: int | None = None
-) -> dict[str, Tensor]:
-    """The per-position baseline b each policy-gradient estimator subtracts, computed with the
-    estimators' own building blocks: sample_opd 0, vopd −KL_t, vopd_topk −KL(p̃‖q̃)_t on the
-    student's top-k, opt_baseline b*_t (``row_stats``)."""
-    N, V = student_NV.shape
-    y_N = torch.zeros(N, dtype=torch.long, device=student_NV.device)
-    st = row_stats(student_NV, teacher_NV, y_N, kl=True, opt_baseline=True, chunk_rows=chunk_rows)
-    kl_topk = reverse_kl_topk(student_NV[None], teacher_NV[None], min(top_k, V))[0]
-    return {
-        "sample_opd": torch.zeros_like(st["kl"]),
-        "vopd": -st["kl"],
-        "vopd_topk": -kl_topk,
-        "opt_baseline": st["b_opt"],
-    }
-
-
-def topk_bias_sqnorm(
-    student_NV: Tensor, teacher_NV: Tensor, top_k: int, *, chunk_rows: int | None = None
+def exact_bias_sqnorm(
+    student_NV: Tensor,
+    teacher_NV: Tensor,
+    variant: catalog.Variant,
+    *,
+    chunk_rows: int | None = None,
 ) -> Tensor:
-    """‖∇_z KL(p̃‖q̃) − ∇_z KL(p‖q)‖² per row (float64): the exact per-position bias of
-    ``topk_opd``'s logit gradient; 0 at k = V (claim C11)."""
+    """‖∇_z loss_e − ∇_z KL(p‖q)‖² per row (float64) for an exact-family variant: the exact
+    per-position bias of its (deterministic) logit gradient, by autograd through the estimator
+    itself (0 for ``full_opd``; ``topk_opd`` at k = V). Claim C11."""
     N, V = student_NV.shape
     rows = chunk_rows or max(1, (1 << 20) // V)
+    spec = catalog.get(variant.estimator)
+    opts = dict(variant.options)
+    if spec.top_k:
+        opts["top_k"] = min(opts.get("top_k", catalog.DEFAULT_TOP_K), V)
+    fn = ESTIMATORS[variant.estimator]
     out = torch.empty(N, dtype=torch.float64, device=student_NV.device)
     for a in range(0, N, rows):
         z = student_NV[a : a + rows].detach().to(torch.float64).requires_grad_(True)
         t = teacher_NV[a : a + rows].detach().to(torch.float64)
+        n = z.shape[0]
+        y = torch.zeros(1, n, dtype=torch.long, device=z.device)
         with torch.enable_grad():
-            kl_topk = reverse_kl_topk(z[None], t[None], min(top_k, V)).sum()
-            (g_topk,) = torch.autograd.grad(kl_topk, z)
+            loss, _ = fn(z[None], t[None], y, torch.ones(1, n, dtype=z.dtype), **opts)
+            (g_e,) = torch.autograd.grad(loss * n, z)  # token mean over n rows: undo the 1/n
             (g_full,) = torch.autograd.grad(reverse_kl_full(z[None], t[None]).sum(), z)
-        out[a : a + rows] = ((g_topk - g_full) ** 2).sum(-1)
+        out[a : a + rows] = ((g_e - g_full) ** 2).sum(-1)
     return out
 
 
 class ExactPositionMoments:
     """Weighted sums over positions (weights, e.g. the completion mask) of the exact per-position
-    probes, accumulated batch by batch; ``summary`` gives the weighted means per estimator:
+    probes, accumulated batch by batch; ``summary`` gives the weighted means per variant:
 
-    - ``exact_position_variance``: V(b_e) (0 for ``full_opd``/``topk_opd``: no sampled token);
-    - ``removable_variance``: V(b_e) − V(b*), what a better per-position baseline could still
-      remove (for ``sample_opd``: all that any per-position baseline can remove);
+    - ``exact_position_variance``: the variance over y ~ p of its logit gradient (0 for the
+      exact family: no sampled token);
+    - ``removable_variance``: V − V(b*), what a better per-position baseline could still remove
+      (for ``sample_opd``: all that any per-position baseline can remove; only for variants
+      whose gradient is unbiased, where it is ≥ 0);
     - ``irreducible_variance``: V(b*), what no per-position baseline removes;
-    - ``removed_fraction``: (V(0) − V(b_e)) / (V(0) − V(b*)), the share of the removable variance
-      that the estimator's baseline removes (1 for ``opt_baseline``, 0 for ``sample_opd``);
+    - ``removed_fraction``: (V(0) − V) / (V(0) − V(b*)), the share of the removable variance
+      that the variant removes (1 for ``opt_baseline``, 0 for ``sample_opd``; unbiased only);
     - ``exact_position_signal``: ‖∇_z KL‖², the squared norm of the exact per-position gradient
       the unbiased estimators target (the scale for the variances and the bias);
-    - ``exact_position_bias_sqnorm`` (``topk_opd`` only): ‖E_y g − ∇_z KL‖², its exact bias."""
+    - ``exact_position_bias_sqnorm``: ‖E_y g − ∇_z KL‖², its exact bias (0 when unbiased)."""
 
-    def __init__(self, estimators: list[str], *, top_k: int):
-        self.estimators, self.top_k = list(estimators), top_k
-        self.pg = [e for e in self.estimators if e in PG_BASELINES]
+    def __init__(self, estimators, *, top_k: int | None = None):
+        self.variants = as_variants(estimators, top_k=top_k)
+        self.pg = {n: v for n, v in self.variants.items() if catalog.get(v.estimator).sampled}
+        self.exact = {n: v for n, v in self.variants.items() if n not in self.pg}
         self.sums: dict[str, float] = {}
         self.weight = 0.0
 
     def add(self, student_NV: Tensor, teacher_NV: Tensor, weights_N: Tensor) -> None:
         w = weights_N.detach().to(device=student_NV.device, dtype=torch.float64)
-        base = estimator_baselines(student_NV, teacher_NV, top_k=self.top_k)
-        var = position_variance(student_NV, teacher_NV, {e: base[e] for e in self.pg})
-        terms = {k: var[k] for k in (*self.pg, "irreducible", "zero", "signal")}
-        if "topk_opd" in self.estimators:
-            terms["topk_bias"] = topk_bias_sqnorm(student_NV, teacher_NV, self.top_k)
+        terms = position_variance(student_NV, teacher_NV, self.pg)
+        for name, variant in self.exact.items():
+            terms[f"{name}/bias"] = exact_bias_sqnorm(student_NV, teacher_NV, variant)
         for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(w @ v)
+            if k != "b_star":
+                self.sums[k] = self.sums.get(k, 0.0) + float(w @ v)
         self.weight += float(w.sum())
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -201,26 +214,22 @@ class ExactPositionMoments:
         mean = {k: v / self.weight for k, v in self.sums.items()}
         irr, zero = mean["irreducible"], mean["zero"]
         out: dict[str, dict[str, float]] = {}
-        for e in self.pg:
-            out[e] = {
-                "exact_position_variance": mean[e],
-                "removable_variance": mean[e] - irr,
-                "irreducible_variance": irr,
-            }
-            if zero - irr > 0:
-                out[e]["removed_fraction"] = (zero - mean[e]) / (zero - irr)
-        for e in self.estimators:
-            if e in EXACT_ESTIMATORS:
-                out[e] = {"exact_position_variance": 0.0}
-        for e in out:
-            out[e]["exact_position_signal"] = mean["signal"]
-        if "topk_opd" in self.estimators:
-            out["topk_opd"]["exact_position_bias_sqnorm"] = mean["topk_bias"]
+        for name in self.variants:
+            unbiased = self.variants[name].unbiased  # a reward floor biases sample OPD
+            row = {"exact_position_variance": mean.get(name, 0.0)}
+            if name in self.pg and unbiased:
+                row["removable_variance"] = mean[name] - irr
+                row["irreducible_variance"] = irr
+                if zero - irr > 0:
+                    row["removed_fraction"] = (zero - mean[name]) / (zero - irr)
+            row["exact_position_signal"] = mean["signal"]
+            row["exact_position_bias_sqnorm"] = mean[f"{name}/bias"]
+            out[name] = row
         return out
 
 
 def exact_probes(
-    student_NV: Tensor, teacher_NV: Tensor, weights_N: Tensor, estimators: list[str], *, top_k: int
+    student_NV: Tensor, teacher_NV: Tensor, weights_N: Tensor, estimators, *, top_k=None
 ) -> dict[str, dict[str, float]]:
     """:class:`ExactPositionMoments` over one set of rows."""
     acc = ExactPositionMoments(estimators, top_k=top_k)
@@ -318,13 +327,11 @@ class GradientMoments:
 # numbers), one student and one teacher forward per (micro-)batch.
 
 
-def estimator_options(name: str, *, top_k: int) -> dict:
-    """Options each estimator gets in the probe: the run's ``top_k``; ``sample_opd`` keeps its
-    plain, detached, unclipped reward. The normalisation is in the loss weights (as in
-    ``vopd.loss``), so every estimator is called with ``normalize="token_mean"``."""
-    return {"normalize": "token_mean"} | (
-        {"top_k": top_k} if "top_k" in ESTIMATOR_OPTIONS[name] else {}
-    )
+def probe_options(variant: catalog.Variant) -> dict:
+    """Options a variant's estimator gets in the probe: exactly the variant's. The
+    normalisation is in the loss weights (as in ``vopd.loss``), so every estimator is called
+    with ``normalize="token_mean"``."""
+    return {**variant.options, "normalize": "token_mean"}
 
 
 def batch_gradients(
@@ -332,11 +339,11 @@ def batch_gradients(
     student,
     teacher,
     batch: RolloutBatch,
-    estimators: list[str],
+    estimators,
     params,
     V: int,
     *,
-    top_k: int,
+    top_k: int | None = None,
     exact: ExactPositionMoments | None = None,
 ) -> dict[str, Tensor]:
     """Flattened gradient of every estimator's loss on ``batch`` w.r.t. ``params``, built as the
@@ -348,7 +355,8 @@ def batch_gradients(
     B = batch.tokens_BT.shape[0]
     micro = cfg.micro_batch_size or B
     denom = dist.local_denominator(batch.mask_BT, cfg.normalize)
-    grads = {e: [torch.zeros_like(p) for p in params] for e in estimators}
+    variants = as_variants(estimators, top_k=top_k)
+    grads = {e: [torch.zeros_like(p) for p in params] for e in variants}
     for a in range(0, B, micro):
         mb = batch.rows(slice(a, a + micro))
         with torch.no_grad():
@@ -357,13 +365,13 @@ def batch_gradients(
             s_BTV = completion_logits(student, mb, V)
         weights_BT = dist.loss_weights(mb.mask_BT, cfg.normalize)
         scale = dist.loss_scale(weights_BT, denom)
-        for i, e in enumerate(estimators):
-            opts = estimator_options(e, top_k=top_k)
-            loss, _ = ESTIMATORS[e](s_BTV, q_BTV, mb.tokens_BT, weights_BT, **opts)
+        for i, (e, variant) in enumerate(variants.items()):
+            fn = ESTIMATORS[variant.estimator]
+            loss, _ = fn(s_BTV, q_BTV, mb.tokens_BT, weights_BT, **probe_options(variant))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"estimator {e!r}: non-finite loss {float(loss)}")
+                raise FloatingPointError(f"variant {e!r}: non-finite loss {float(loss)}")
             g = torch.autograd.grad(
-                loss * scale, params, retain_graph=i < len(estimators) - 1, allow_unused=True
+                loss * scale, params, retain_graph=i < len(variants) - 1, allow_unused=True
             )
             for acc, gi in zip(grads[e], g, strict=True):
                 if gi is not None:
@@ -385,9 +393,9 @@ def probe(
     tokenizer,
     prompts: list[str],
     *,
-    estimators: list[str],
+    estimators,
     seeds: list[int],
-    top_k: int,
+    top_k: int | None = None,
     V: int,
     exact: bool = True,
     progress: bool = True,
@@ -403,9 +411,10 @@ def probe(
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters")
+    estimators = as_variants(estimators, top_k=top_k)
     ref = REF_MEAN if REF_MEAN in estimators else None
     moments = GradientMoments(ref=ref)
-    acc = ExactPositionMoments(estimators, top_k=top_k) if exact else None
+    acc = ExactPositionMoments(estimators) if exact else None
     backend = get_backend(
         "hf", model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
     )
@@ -447,19 +456,26 @@ def probe_seeds(seed: int, step: int, k: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, step, j]).generate_state(1)[0]) for j in range(k)]
 
 
-def to_rows(result: dict, *, experiment: str, seed: int, step: int, k: int) -> list[dict]:
+def to_rows(
+    result: dict, *, experiment: str, seed: int, step: int, k: int, variants=None
+) -> list[dict]:
+    """Long rows ``experiment, variant, estimator, seed, step, probe, value``; ``variants`` maps
+    a variant name to its catalog.Variant (default: each name is its own estimator)."""
+    est_of = {n: v.estimator for n, v in (variants or {}).items()}
     rows = []
     for part in ("param", "exact"):
-        for est, probes in result[part].items():
-            rows += [{"estimator": est, "probe": n, "value": float(v)} for n, v in probes.items()]
-    for est in result["param"]:
-        rows.append({"estimator": est, "probe": "k", "value": float(k)})
-        rows.append(
-            {"estimator": est, "probe": "num_positions", "value": float(result["positions"])}
-        )
-    for est, value in result.get("adam_proxy", {}).items():
-        rows.append({"estimator": est, "probe": "adam_proxy", "value": float(value)})
-    return [{"experiment": experiment, "seed": seed, "step": step, **r} for r in rows]
+        for var, probes in result[part].items():
+            rows += [{"variant": var, "probe": n, "value": float(v)} for n, v in probes.items()]
+    for var in result["param"]:
+        rows.append({"variant": var, "probe": "k", "value": float(k)})
+        rows.append({"variant": var, "probe": "num_positions", "value": float(result["positions"])})
+    for var, value in result.get("adam_proxy", {}).items():
+        rows.append({"variant": var, "probe": "adam_proxy", "value": float(value)})
+    return [
+        {"experiment": experiment, "estimator": est_of.get(r["variant"], r["variant"]),
+         "seed": seed, "step": step, **r}
+        for r in rows
+    ]  # fmt: skip
 
 
 def adam_proxy_at(run_dir: Path, step: int, estimator: str) -> dict[str, float]:
@@ -485,9 +501,9 @@ TABLE = (  # (probe, header, format)
 
 
 def format_table(rows: list[dict]) -> str:
-    by = {(r["estimator"], r["probe"]): r["value"] for r in rows}
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    head = f"{'estimator':<13}" + "".join(f"{h:>11}" for _, h, _ in TABLE)
+    by = {(r["variant"], r["probe"]): r["value"] for r in rows}
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    head = f"{'variant':<13}" + "".join(f"{h:>11}" for _, h, _ in TABLE)
     lines = [head, "-" * len(head)]
     for e in names:
         cells = [f"{by[(e, p)]:>11{f}}" if (e, p) in by else f"{'-':>11}" for p, _, f in TABLE]
@@ -502,6 +518,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="Parquet, e.g. RUN_DIR/variance/stepN.parquet")
     ap.add_argument("--k", type=int, default=8, help="rollout batches (>= 2)")
     ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
+    ap.add_argument(
+        "--variants",
+        help="JSON mapping variant: {estimator: NAME, OPTION: VALUE} (a workflow config's "
+        "estimators:); replaces --estimators",
+    )
     ap.add_argument("--prompts", type=int, help="prompts M (default: the run's prompts_per_step)")
     ap.add_argument("--seed", type=int, help="seed column and probe seed (default: the run's)")
     ap.add_argument("--experiment", help="experiment column (default: RUN_DIR/../..'s name)")
@@ -526,6 +547,13 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown or not names:
             raise ValueError(f"unknown estimator(s) {unknown}: expected {list(ESTIMATORS)} or all")
+        variants = None
+        if args.variants:
+            try:
+                raw = json.loads(args.variants)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--variants: not valid JSON ({err})") from None
+            variants = catalog.parse_variants(raw, key="--variants")
         overrides = {"seed": args.seed, "device": args.device, "micro_batch_size": args.micro_batch}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         m = cfg.prompts_per_step if args.prompts is None else args.prompts
@@ -566,21 +594,34 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.chat_template:
         prompts = [chat_prompt(tokenizer, p) for p in prompts]
     t0 = time.perf_counter()
+    if variants is None:
+        variants = as_variants(names, top_k=top_k)
+    else:  # a variant's top_k beyond this vocabulary: capped, as above
+        variants = {
+            n: replace(v, options={**v.options, "top_k": min(v.options["top_k"], V)})
+            if "top_k" in v.options
+            else v
+            for n, v in variants.items()
+        }
     result = probe(
         cfg,
         student,
         teacher,
         tokenizer,
         prompts,
-        estimators=names,
+        estimators=variants,
         seeds=probe_seeds(cfg.seed, args.step, args.k),
         top_k=top_k,
         V=V,
         exact=not args.no_exact,
     )
-    result["adam_proxy"] = adam_proxy_at(run_dir, args.step, cfg.estimator)
+    run_variant = run_dir.resolve().parent.name  # results/{experiment}/{variant}/seed{seed}
+    run_variant = run_variant if run_variant in variants else cfg.estimator
+    result["adam_proxy"] = adam_proxy_at(run_dir, args.step, run_variant)
     experiment = args.experiment or run_dir.resolve().parent.parent.name
-    rows = to_rows(result, experiment=experiment, seed=cfg.seed, step=args.step, k=args.k)
+    rows = to_rows(
+        result, experiment=experiment, seed=cfg.seed, step=args.step, k=args.k, variants=variants
+    )
     write_parquet(args.out, pd.DataFrame(rows, columns=COLUMNS))
     print(format_table(rows))
     summary = {
@@ -604,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary))
 
 
-COLUMNS = ["experiment", "estimator", "seed", "step", "probe", "value"]
+COLUMNS = ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import yaml
 from conftest import save_model, tiny_llama
 from safetensors.torch import load_file
 
+from vopd import catalog
 from vopd.config import load_config
 from vopd.io import read_jsonl
 from vopd.train import main, train
@@ -158,7 +159,7 @@ def test_missing_model_path(run_config, tmp_path):
     _fails(run_config, tmp_path, f"model path '{missing}' does not exist", student=missing)
 
 
-@pytest.mark.parametrize("estimator", ["vopd_topk", "topk_opd"])
+@pytest.mark.parametrize("estimator", [s.name for s in catalog.specs() if s.top_k])
 def test_top_k_at_or_above_the_toy_vocabulary(run_config, tmp_path, estimator):
     _fails(run_config, tmp_path, "top_k=27 >= vocabulary size 27", estimator=estimator, top_k=27)
     _fails(run_config, tmp_path, "top_k=100 >= vocabulary size 27", estimator=estimator, top_k=100)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from vopd import catalog
 from vopd.estimators import ESTIMATORS
-from vopd.variance import main
+from vopd.variance import COLUMNS, main
 
 pytestmark = pytest.mark.integration
 
@@ -43,17 +44,25 @@ def test_variance_cli_writes_the_results_contract(run_dir, capsys):
     out = run_dir / "variance" / "step2.parquet"
     main(["--run-dir", str(run_dir), "--step", "2", "--out", str(out), "--k", "3"])
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    # design.md results contract: variance.parquet carries the variant and its estimator
+    assert list(df.columns) == COLUMNS
+    assert COLUMNS == ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
     assert set(df.experiment) == {"exp"} and set(df.seed) == {3} and set(df.step) == {2}
-    assert set(df.estimator) == set(ESTIMATORS)
+    assert set(df.estimator) == set(ESTIMATORS) == set(catalog.names())
+    assert (df.variant == df.estimator).all()  # bare names: each its own variant
     v = {(r.estimator, r.probe): r.value for r in df.itertuples()}
     for e in ESTIMATORS:
         for probe in ("total_variance", "mean_grad_norm", "variance_ratio_to_sample_opd",
                       "cosine_to_full_opd", "exact_position_variance", "k"):  # fmt: skip
             assert (e, probe) in v, (e, probe)
         assert v[(e, "total_variance")] > 0
-    for e in ("sample_opd", "vopd", "vopd_topk", "opt_baseline"):
-        assert (e, "removable_variance") in v and (e, "irreducible_variance") in v
+    for e in catalog.names():  # the removable/irreducible split: unbiased pg estimators only
+        split = catalog.get(e).sampled and catalog.get(e).unbiased
+        assert ((e, "removable_variance") in v) == split, e
+        assert ((e, "irreducible_variance") in v) == split, e
+        assert (e, "exact_position_bias_sqnorm") in v, e
+        if not catalog.get(e).sampled:
+            assert v[(e, "exact_position_variance")] == 0.0
     assert v[("sample_opd", "variance_ratio_to_sample_opd")] == pytest.approx(1.0)
     assert v[("full_opd", "cosine_to_full_opd")] == pytest.approx(1.0)
     assert v[("opt_baseline", "removed_fraction")] == pytest.approx(1.0, abs=1e-6)

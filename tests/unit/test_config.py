@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vopd import catalog
 from vopd.config import TrainConfig, dump_config, load_config, main, parse_overrides
 from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
 
@@ -157,13 +158,60 @@ def test_reward_clip_lambda_range(lam):
         make(estimator="sample_opd", reward_clip_lambda=lam)
 
 
-@pytest.mark.parametrize(
-    ("estimator", "key", "value"),
-    [("vopd", "reward_clip_lambda", 0.5), ("full_opd", "detach_reward", False)],
-)
+# A valid non-default value of every estimator option (top_k: see the shared-config test).
+NON_DEFAULT = {"reward_clip_lambda": 0.5, "detach_reward": False, "clamp": 10.0, "advantage": 2.0}
+
+
+def test_every_estimator_option_is_a_config_field():
+    """Each catalog option is a TrainConfig field with the catalog's default."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(NON_DEFAULT) == set(catalog.OPTIONS) - {"normalize", "top_k"}
+    for name, option in catalog.OPTIONS.items():
+        assert name in fields, name
+        if name != "top_k":  # the config's top_k default is the catalog's DEFAULT_TOP_K too
+            assert fields[name].default == option.default, name
+    assert fields["top_k"].default == catalog.DEFAULT_TOP_K
+
+
+IGNORED = [
+    (e, key, value)
+    for key, value in NON_DEFAULT.items()
+    for e in catalog.names()
+    if key not in catalog.get(e).reads
+]
+
+
+@pytest.mark.parametrize(("estimator", "key", "value"), IGNORED)
 def test_options_the_estimator_ignores_are_rejected(estimator, key, value):
     with pytest.raises(ValueError, match=f"{key}=.*no effect with estimator '{estimator}'"):
         make(estimator=estimator, **{key: value})
+
+
+READ = [
+    (e, k, v) for k, v in NON_DEFAULT.items() for e in catalog.names() if k in catalog.get(e).reads
+]
+
+
+@pytest.mark.parametrize(("estimator", "key", "value"), READ)
+def test_options_the_estimator_reads_reach_it(estimator, key, value):
+    assert make(estimator=estimator, **{key: value}).estimator_options()[key] == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("clamp", 0.0, r"clamp=0\.0: expected a value in \(0, inf\)"),
+        ("clamp", -1.0, r"clamp=-1\.0"),
+        ("clamp", float("nan"), r"clamp=nan"),
+        ("advantage", float("nan"), r"advantage=nan: expected a value in \(-inf, inf\)"),
+        ("advantage", float("inf"), r"advantage=inf"),
+    ],
+)
+def test_new_estimator_options_are_range_checked(key, value, match):
+    """Range-checked by the catalog whatever the estimator (even one that does not read it)."""
+    for estimator in catalog.names():
+        with pytest.raises(ValueError, match=match):
+            make(estimator=estimator, **{key: value})
 
 
 def test_top_k_may_sit_in_a_shared_config():
