@@ -82,7 +82,10 @@ _SEED_STRIDE = 65_537  # per-prompt seeds are this far apart; vLLM gives child j
 
 class VLLMBackend:
     """One vLLM engine. ``model`` is a hub id or a ``save_pretrained`` directory (the base model
-    when ``lora`` is given or LoRA weights are synced)."""
+    when ``lora`` is given or LoRA weights are synced). ``dtype``, ``gpu_memory_utilization`` /
+    ``kv_cache_gib`` and ``enforce_eager`` left unset are filled in for the platform vLLM runs
+    on (:func:`engine_settings`: on a GPU vLLM's defaults, on its CPU backend float32, a 1 GiB
+    KV cache and eager mode); ``platform`` says which ("cpu", "cuda", ...)."""
 
     def __init__(
         self,
