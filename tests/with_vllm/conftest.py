@@ -90,10 +90,11 @@ def child_env(root: Path = REPO) -> dict:
     """This environment for a subprocess: without the colocated engine's torch.distributed
     variables, with the checkout ``root`` first on PYTHONPATH and this interpreter's bin
     directory first on PATH (so a ``python`` that Snakemake runs is this environment's, as in
-    an activated virtualenv)."""
+    an activated virtualenv), one OpenMP thread unless OMP_NUM_THREADS is set."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as the workflow's toy jobs
     return env
 
 
@@ -115,10 +116,27 @@ def child_env_factory():
     return child_env
 
 
+def run_many(jobs: dict, *, workers: int = 2) -> dict:
+    """``{key: args}`` -> ``{key: CompletedProcess}``: each ``python ARGS`` as in run_python,
+    ``workers`` at a time (2 cores: two engines side by side take about half the wall clock of
+    one after the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {key: pool.submit(run_python, args) for key, args in jobs.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
 @pytest.fixture(scope="session")
 def python():
     """``python(args) -> CompletedProcess``: an entry point in a subprocess (see run_python)."""
     return run_python
+
+
+@pytest.fixture(scope="session")
+def python_many():
+    """``python_many({key: args}) -> {key: CompletedProcess}`` (see run_many)."""
+    return run_many
 
 
 @pytest.fixture(scope="session")

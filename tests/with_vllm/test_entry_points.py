@@ -32,16 +32,15 @@ def assert_clean(res, what: str) -> None:
     assert "Traceback" not in res.stderr, f"{what} succeeded but printed:\n{res.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
-def test_opd_steps_with_vllm_rollouts_lora_and_is_correction(
-    estimator, python, vllm_models, tiny_world, tmp_path
-):
-    out = tmp_path / "run"
-    overrides = [
+@pytest.fixture(scope="module")
+def opd_runs(python_many, vllm_models, tiny_world, tmp_path_factory) -> dict:
+    """``{estimator: (CompletedProcess, run dir)}``: two steps of every estimator, two runs at a
+    time (each its own process and engine)."""
+    root = tmp_path_factory.mktemp("opd")
+    common = [
         f"student={vllm_models['student']}",
         f"teacher={vllm_models['teacher']}",
         f"prompts={tiny_world / 'prompts' / 'train.parquet'}",
-        f"estimator={estimator}",
         "rollout_backend=vllm",
         "finetune=lora",
         "lora_r=8",
@@ -55,8 +54,17 @@ def test_opd_steps_with_vllm_rollouts_lora_and_is_correction(
         "lr=1e-3",
         "vllm_kv_cache_gib=0.25",
     ]
-    res = python(["-m", "vopd.train", "--config", str(TOY_CONFIG), "--out", str(out),
-                  "--no-progress", *overrides])  # fmt: skip
+    jobs = {
+        name: ["-m", "vopd.train", "--config", str(TOY_CONFIG), "--out", str(root / name),
+               "--no-progress", *common, f"estimator={name}"]
+        for name in sorted(ESTIMATORS)
+    }  # fmt: skip
+    return {name: (res, root / name) for name, res in python_many(jobs).items()}
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_opd_steps_with_vllm_rollouts_lora_and_is_correction(estimator, opd_runs):
+    res, out = opd_runs[estimator]
     assert_clean(res, f"vopd.train with {estimator}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -76,26 +84,30 @@ def test_opd_steps_with_vllm_rollouts_lora_and_is_correction(
 
 
 @pytest.fixture(scope="module")
-def eval_runs(python, vllm_models, tiny_world, tmp_path_factory):
+def eval_runs(python_many, vllm_models, tiny_world, tmp_path_factory):
     """samples.parquet (+ grades) of the student on toy_test: greedy with hf and with vllm,
-    sampled (n = 2, T = 0.6) with each."""
+    sampled (n = 2, T = 0.6) with each (two processes at a time)."""
     root = tmp_path_factory.mktemp("eval")
     bench = tiny_world / "benchmarks" / "toy_test.parquet"
     common = ["--model", str(vllm_models["student"]), "--benchmark", str(bench), "--limit", "16",
               "--max-new-tokens", "24"]  # fmt: skip
-    runs = {}
-    for backend in ("hf", "vllm"):
-        for mode, flags in (("greedy", ["--temperature", "0", "--n", "1"]),
-                            ("sampled", ["--temperature", "0.6", "--n", "2"])):  # fmt: skip
-            out = root / f"{backend}-{mode}" / "samples.parquet"
-            res = python(["-m", "vopd.eval.generate", *common, *flags, "--backend", backend,
-                          "--out", str(out)])  # fmt: skip
-            assert_clean(res, f"generate --backend {backend} ({mode})")
-            res = python(["-m", "vopd.eval.grade", "--samples", str(out), "--benchmark",
-                          str(bench), "--out-dir", str(out.parent)])  # fmt: skip
-            assert_clean(res, f"grade of {backend} ({mode})")
-            runs[backend, mode] = out
-    return runs
+    modes = {"greedy": ["--temperature", "0", "--n", "1"],
+             "sampled": ["--temperature", "0.6", "--n", "2"]}  # fmt: skip
+    out = {(b, m): root / f"{b}-{m}" / "samples.parquet" for b in ("hf", "vllm") for m in modes}
+    generated = python_many({
+        (b, m): ["-m", "vopd.eval.generate", *common, *modes[m], "--backend", b, "--out", str(o)]
+        for (b, m), o in out.items()
+    })  # fmt: skip
+    for (b, m), res in generated.items():
+        assert_clean(res, f"generate --backend {b} ({m})")
+    graded = python_many({
+        key: ["-m", "vopd.eval.grade", "--samples", str(o), "--benchmark", str(bench),
+              "--out-dir", str(o.parent)]
+        for key, o in out.items()
+    })  # fmt: skip
+    for (b, m), res in graded.items():
+        assert_clean(res, f"grade of {b} ({m})")
+    return out
 
 
 def test_generate_greedy_vllm_equals_hf(eval_runs):
