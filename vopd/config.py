@@ -129,7 +129,11 @@ class TrainConfig:
     chat_template: bool = False
     """Wrap each prompt in the student tokenizer's chat template, thinking off (official: off)."""
     vllm_gpu_memory_utilization: float = 0.6
-    """Fraction of the GPU the colocated vLLM engine may take (official 0.6)."""
+    """Fraction of the GPU the colocated vLLM engine may take (official 0.6). Not used on the
+    vLLM CPU backend, where a fraction would be of the machine's RAM: see vllm_kv_cache_gib."""
+    vllm_kv_cache_gib: float | None = None
+    """The vLLM engine's KV cache in GiB, instead of a fraction; null: the fraction on a GPU,
+    1 GiB on the vLLM CPU backend (vopd.rollout.vllm.engine_settings)."""
     is_correction: bool = False
     """Multiply each sequence's policy-gradient loss by exp(Σ_t log p_train − log p_sampler),
     zeroed above ``is_cap`` (TRL's vLLM default: on); exact estimators are not weighted."""
@@ -178,6 +182,8 @@ class TrainConfig:
         _range("lora_dropout", self.lora_dropout, lo=0, hi=1, hi_open=True)
         _range("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, lo=0, hi=1,
                lo_open=True)  # fmt: skip
+        if self.vllm_kv_cache_gib is not None:
+            _range("vllm_kv_cache_gib", self.vllm_kv_cache_gib, lo=0, lo_open=True)
         _range("is_cap", self.is_cap, lo=0, lo_open=True)
         if not any(t.strip() for t in self.lora_targets.split(",")):
             raise ValueError(

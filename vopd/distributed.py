@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,16 @@ def init(device: str = "auto", *, timeout_s: float = 1800.0) -> tuple[Dist, torc
 
 
 def shutdown() -> None:
+    """Leave the process group. A colocated vLLM engine (``vopd.rollout.vllm``) made process
+    groups of its own on top of the default one (which it also creates in a single process);
+    destroying the default group first leaves them dangling, and vLLM's exit handler then fails
+    on them ("Invalid process group specified"). So vLLM's groups go first, by vLLM's own
+    teardown (a no-op when vLLM was never imported, and safe to repeat: its exit handler later
+    finds nothing left to destroy)."""
+    vllm_groups = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_groups is not None:
+        vllm_groups.destroy_model_parallel()
+        vllm_groups.destroy_distributed_environment()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -80,7 +80,9 @@ def lora_targets(cfg) -> tuple[str, ...]:
 def make_backend(cfg, student, tokenizer, V: int) -> RolloutBackend:
     """The rollout engine of ``cfg.rollout_backend``: hf samples the in-process student itself;
     vllm runs a colocated engine on the student's base weights and is synced every step. When
-    the student has logit rows beyond the shared vocabulary ``V``, vLLM may not sample them."""
+    the student has logit rows beyond the shared vocabulary ``V``, vLLM may not sample them.
+    Without CUDA the engine runs on vLLM's CPU backend with its CPU defaults (float32 follows
+    ``cfg.dtype``, eager mode, a fixed-size KV cache: ``vopd.rollout.vllm.engine_settings``)."""
     if cfg.rollout_backend == "hf":
         if logit_rows(student) > V:
             raise ValueError(
@@ -97,7 +99,12 @@ def make_backend(cfg, student, tokenizer, V: int) -> RolloutBackend:
         tokenizer=tokenizer,
         dtype=cfg.dtype,
         colocate=True,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        # a fraction of the GPU; on the vLLM CPU backend (no CUDA) the engine's own CPU default
+        # (a KV cache of vllm_kv_cache_gib, 1 GiB when unset) leaves the RAM to the trainer
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization
+        if torch.cuda.is_available()
+        else None,
+        kv_cache_gib=cfg.vllm_kv_cache_gib,
         enable_lora=cfg.finetune == "lora",
         max_lora_rank=cfg.lora_r,
         seed=cfg.seed,

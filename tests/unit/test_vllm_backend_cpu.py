@@ -51,7 +51,41 @@ def test_bad_arguments_fail_before_vllm_is_needed(tmp_path):
         get_backend("vllm", model="org/name", lora=str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+_SPEC = importlib.util.find_spec("vllm")
+
+
+@pytest.mark.skipif(_SPEC is not None and _SPEC.origin is not None, reason="vLLM is installed")
 def test_missing_vllm_names_the_extra():
     with pytest.raises(ImportError, match=r"vopd\[gpu\]"):
         get_backend("vllm", model="org/name")
+
+
+def test_engine_settings_fill_in_cpu_defaults_and_keep_gpu_ones():
+    from vopd.rollout.vllm import CPU_KV_CACHE_GIB, GPU_MEMORY_UTILIZATION, engine_settings
+
+    gib = 2**30
+    assert engine_settings("cpu") == {
+        "dtype": "float32",  # not vLLM's auto downcast of a float32 checkpoint
+        "enforce_eager": True,
+        "kv_cache_memory_bytes": int(CPU_KV_CACHE_GIB * gib),  # a size, not a RAM fraction
+    }
+    assert engine_settings("cuda") == {
+        "dtype": "auto",
+        "enforce_eager": False,
+        "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+    }
+    # what the caller sets wins, on either platform
+    assert engine_settings("cpu", dtype="bfloat16", enforce_eager=False) == {
+        "dtype": "bfloat16",
+        "enforce_eager": False,
+        "kv_cache_memory_bytes": int(CPU_KV_CACHE_GIB * gib),
+    }
+    assert engine_settings("cpu", gpu_memory_utilization=0.1)["gpu_memory_utilization"] == 0.1
+    assert "kv_cache_memory_bytes" not in engine_settings("cpu", gpu_memory_utilization=0.1)
+    both = engine_settings("cuda", gpu_memory_utilization=0.5, kv_cache_gib=2)
+    assert both["kv_cache_memory_bytes"] == 2 * gib and "gpu_memory_utilization" not in both
+
+
+def test_kv_cache_size_is_checked_before_vllm_is_needed():
+    with pytest.raises(ValueError, match=r"kv_cache_gib=0: expected a positive size"):
+        get_backend("vllm", model="org/name", kv_cache_gib=0)

@@ -15,7 +15,8 @@ loads once). The official code sets no sampling seed; ``--seed`` (default 0) mak
 reproducible here. ``--temperature 0`` is greedy decoding.
 
 Backends come from :func:`vopd.rollout.get_backend`: ``hf`` (transformers, CPU or GPU) and
-``vllm`` (GPU; ``--lora`` is passed through for vLLM's LoRA support, rank 64 in the paper). With
+``vllm`` (GPU, or vLLM's CPU backend with its CPU defaults: float32, eager, a 1 GiB KV cache;
+``--lora`` is passed through for vLLM's LoRA support, rank 64 in the paper). With
 ``hf`` a LoRA adapter is merged into the base model with PEFT. ``--model`` may also be a PEFT
 adapter directory (``adapter_config.json`` only): its base model is read from it.
 
@@ -267,7 +268,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        help="default: hf float32, vllm the model's own (auto)",
+        help="default: hf float32, vllm the model's own (auto; float32 on vLLM's CPU backend)",
     )
     ap.add_argument(
         "--chunk-size", type=int, help="problems per resumable chunk (default: hf 16, vllm all)"

@@ -1,4 +1,4 @@
-"""Rollout backends: one protocol, several engines (transformers ``generate`` on CPU, vLLM on GPU).
+"""Rollout backends: one protocol, several engines (transformers ``generate``; vLLM on GPU or CPU).
 
 The trainer (``vopd.train``) and the evaluator (``vopd.eval.generate``) see only this protocol.
 Backends are imported lazily by :func:`get_backend`, so CPU installs never import vLLM.

