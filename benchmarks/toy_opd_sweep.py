@@ -27,7 +27,7 @@ from vopd.estimators import ESTIMATORS
 from vopd.io import read_jsonl, write_json
 from vopd.models import load_model, load_tokenizer
 from vopd.toy.sft import greedy_accuracy
-from vopd.train import train
+from vopd.trainer import train
 
 
 def evaluate(model_dir: Path, benchmarks: dict[str, pd.DataFrame]) -> dict[str, float]:

@@ -380,7 +380,7 @@ def _options(spec: catalog.EstimatorSpec, options: dict, V: int) -> dict:
         if key in catalog.OPTIONS and key not in spec.reads:
             catalog.OPTIONS[key].check(value)
     out = spec.defaults() | {k: v for k, v in options.items() if k in spec.reads}
-    for key in spec.options:
+    for key in spec.reads:  # normalize first: its error comes before a default top_k's
         out[key] = catalog.OPTIONS[key].check(out[key], vocab_size=V)
     return out
 
@@ -447,8 +447,8 @@ def _pg(spec: catalog.EstimatorSpec, student, teacher, tokens, mask, *, chunk_ro
     gradient −Σ w_t sg[A_t] ∇log p(y_t); the loss *value* is Σ w_t (−r_t), the single-sample
     estimate of the weighted reverse KL, so values compare across estimators."""
     B, T, V = student.shape
+    m_BT = _check(student, teacher, tokens, mask, opts.get("normalize", "token_mean"))
     options = _options(spec, opts, V)
-    m_BT = _check(student, teacher, tokens, mask, options["normalize"])
     w_BT = _weights(m_BT, options["normalize"])
     y_N = tokens.reshape(-1).masked_fill(m_BT.reshape(-1) <= 0, 0).long()  # pads may hold any id
     st, extra = advantage_stats(
@@ -470,7 +470,8 @@ def _pg(spec: catalog.EstimatorSpec, student, teacher, tokens, mask, *, chunk_ro
     logp_BT = _SelectiveLogSoftmax.apply(_flat(student), y_N, st["lse_p"], chunk_rows).view(B, T)
     surrogate = -(w_BT * adv_BT.detach() * logp_BT).sum()  # sg[A]: the advantage is a constant
     value = (w_BT * -r_BT).sum()  # single-sample estimate of the weighted reverse KL
-    return value + surrogate - surrogate.detach(), metrics
+    # surrogate − sg[surrogate] is exactly 0 in value (no cancellation when |surrogate| ≫ value)
+    return value + (surrogate - surrogate.detach()), metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +485,9 @@ def full_opd(
     gradient by the chunked analytic backward. The official run scales this by GA = 64 relative
     to the PG methods (docs/method.md, "normalisation"); here every estimator shares one
     normalisation."""
+    norm = options.get("normalize", "token_mean")
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, norm)
     opts = _options(catalog.get("full_opd"), options, student_logits_BTV.shape[-1])
-    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
     kl_BT = reverse_kl_full(student_logits_BTV, teacher_logits_BTV, chunk_rows=chunk_rows)
     return (_weights(m_BT, opts["normalize"]) * kl_BT).sum(), {
         "kl_mean": _wmean_std(kl_BT.detach(), m_BT)[0]
@@ -498,8 +500,9 @@ def topk_opd(
     """Top-k OPD (``_topk_opd_single_step_loss``): loss Σ_t w_t KL(p̃‖q̃)_t on the student's top-k
     ids (detached), both renormalised, tail dropped. Biased for k < V; equals ``full_opd`` at
     k = V. The official code has no config for it, so ``top_k`` defaults to the vOPD-top-k 100."""
+    norm = options.get("normalize", "token_mean")
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, norm)
     opts = _options(catalog.get("topk_opd"), options, student_logits_BTV.shape[-1])
-    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
     kl_BT = reverse_kl_topk(
         student_logits_BTV, teacher_logits_BTV, opts["top_k"], chunk_rows=chunk_rows
     )
@@ -546,8 +549,9 @@ def forward_kl_topk(
     weighted reverse KL from the same pass, as for the other estimators; the forward KL itself
     is the metric ``forward_kl_topk_mean``."""
     B, T, V = student_logits_BTV.shape
+    norm = options.get("normalize", "token_mean")
+    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, norm)
     opts = _options(catalog.get("forward_kl_topk"), options, V)
-    m_BT = _check(student_logits_BTV, teacher_logits_BTV, tokens_BT, mask_BT, opts["normalize"])
     w_BT = _weights(m_BT, opts["normalize"])
     s_NV, t_NV = _flat(student_logits_BTV), _flat(teacher_logits_BTV).detach()
     dummy_N = torch.zeros(B * T, dtype=torch.long, device=s_NV.device)
@@ -569,7 +573,8 @@ def forward_kl_topk(
         "forward_kl_topk_mean": _wmean_std(fkl_BT.detach(), m_BT)[0],
         "teacher_mass": _wmean_std(teacher_mass_N.view(B, T), m_BT)[0],
     }
-    return value + surrogate - surrogate.detach(), metrics
+    # surrogate − sg[surrogate] is exactly 0 in value (no cancellation when |surrogate| ≫ value)
+    return value + (surrogate - surrogate.detach()), metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -418,7 +418,7 @@ def probe(
     backend = get_backend(
         "hf", model=student, tokenizer=tokenizer, batch_size=cfg.rollout_batch_size
     )
-    from vopd.train import rollout_sampling  # exactly the trainer's sampler
+    from vopd.trainer import rollout_sampling  # exactly the trainer's sampler
 
     sampling = rollout_sampling(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact per-position probe")
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     args = ap.parse_args(argv)
-    from vopd import train  # the trainer's own seams: config, data order, model loading
+    from vopd import trainer as train  # the trainer library: config, data order, model loading
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir / "checkpoints" / f"step{args.step}"

@@ -106,7 +106,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     from vopd import distributed as D
-    from vopd.train import train_step
+    from vopd.trainer import train_step
 
     info, device = D.init("cpu")
     assert (info.rank, info.world_size, device.type) == (rank, world, "cpu")

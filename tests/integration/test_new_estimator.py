@@ -25,7 +25,7 @@ from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
 from vopd.io import read_jsonl
 from vopd.is_correction import step_weights
 from vopd.profile import measure_one
-from vopd.train import train
+from vopd.trainer import train
 from vopd.variance import exact_probes, position_variance
 
 pytestmark = pytest.mark.integration

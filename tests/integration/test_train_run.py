@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from vopd import catalog
 from vopd.config import load_config
 from vopd.io import read_jsonl
-from vopd.train import main, train
+from vopd.train import main
+from vopd.trainer import train
 
 pytestmark = pytest.mark.integration
 

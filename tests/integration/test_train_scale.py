@@ -19,7 +19,8 @@ from vopd.io import read_jsonl
 from vopd.lora import adapter_base, load_for_eval
 from vopd.rollout import SamplingParams
 from vopd.rollout.hf import HFBackend
-from vopd.train import load_models, load_prompts, main, train, train_step
+from vopd.train import main
+from vopd.trainer import load_models, load_prompts, train, train_step
 
 pytestmark = pytest.mark.integration
 

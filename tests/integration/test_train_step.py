@@ -11,7 +11,7 @@ from vopd.config import TrainConfig
 from vopd.estimators import ESTIMATORS
 from vopd.rollout import SamplingParams
 from vopd.rollout.hf import HFBackend
-from vopd.train import build_optimizer, load_models, load_prompts, train_step
+from vopd.trainer import build_optimizer, load_models, load_prompts, train_step
 
 pytestmark = pytest.mark.integration
 LORA = {"finetune": "lora", "lora_r": 4, "lora_alpha": 8}

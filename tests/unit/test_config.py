@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from vopd import catalog
-from vopd.config import TrainConfig, dump_config, load_config, main, parse_overrides
+from vopd.config import TrainConfig, dump_config, load_config, parse_overrides
+from vopd.config.__main__ import main
 from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -74,7 +74,10 @@ def assert_same(a, b, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(la, lb, rtol=rtol, atol=atol)
     assert set(ma) == set(mb)
     for k in ma:
-        assert ma[k] == pytest.approx(mb[k], rel=rtol, abs=atol), k
+        # a pooled std merged from per-chunk moments, sqrt(E[x²] − mean²), cancels digits when
+        # |mean| ≫ std (k3's advantage e^r − 1 can be large): 1e-8 relative in float64
+        rel = max(rtol, 1e-8) if k.endswith("_std") else rtol
+        assert ma[k] == pytest.approx(mb[k], rel=rel, abs=atol), k
     for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 

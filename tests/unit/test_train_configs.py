@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vopd.config import TrainConfig, load_config, main
+from vopd.config import TrainConfig, load_config
+from vopd.config.__main__ import main
 from vopd.lora import LORA_TARGETS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "config" / "train"
@@ -56,7 +57,7 @@ def test_paper_config_is_the_official_setting():
     assert {k: getattr(cfg, k) for k in OFFICIAL} == OFFICIAL
     assert set(cfg.lora_targets.split(",")) == set(LORA_TARGETS)
     # one epoch: |dataset| // 256 steps (about 54 for ~14k prompts)
-    from vopd.train import num_steps
+    from vopd.trainer import num_steps
 
     assert num_steps(cfg, 14_000) == 54
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from vopd.train import prompt_indices, step_seed
+from vopd.trainer import prompt_indices, step_seed
 
 
 def test_each_epoch_visits_every_prompt_once():

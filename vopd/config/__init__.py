@@ -4,6 +4,8 @@ defaults.
     cfg = load_config("config/train/toy.yaml", ["estimator=vopd_topk", "seed=1"])
     python -m vopd.config resolve --config config/train/toy.yaml --out run/config.yaml [k=v ...]
 
+(the command line is ``vopd/config/__main__.py``; this module is the library)
+
 Defaults reproduce the official code where it has a setting (holi-lab/vOPD
 ``configs/training/default.yaml`` + TRL v1.2.0 defaults, read in reference-semantics.md §3):
 lr 1e-5 cosine, no warm-up, no weight decay, AdamW (0.9, 0.999, 1e-8), grad-norm clip 1.0,
@@ -15,7 +17,6 @@ infinite values of every float key (range checks alone are False for NaN).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
@@ -340,29 +341,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vopd.config", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("resolve", help="write the fully resolved config (all defaults spelled out)")
-    r.add_argument("--config", required=True, help="YAML config")
-    r.add_argument("--out", help="where to write the resolved YAML (default: stdout)")
-    r.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.out:
-        from vopd.io import write_text
-
-        write_text(args.out, dump_config(cfg))
-    else:
-        print(dump_config(cfg), end="")
-
-
-if __name__ == "__main__":
-    main()
