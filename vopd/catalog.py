@@ -13,7 +13,7 @@ An estimator is one :class:`EstimatorSpec`:
 - ``advantage`` (pg only): A as a function of the per-token reward r = log q(y) − log p(y), the
   per-row statistics it asks for in ``stats`` and the options. It is written once and evaluated
   both at the sampled token (the estimator, :mod:`vopd.estimators`) and at every vocabulary id
-  (the exact per-position variance probe, :mod:`vopd.variance`): there is no second copy.
+  (the exact per-position variance probe, :mod:`vopd.variance_math`): no second copy.
 - ``options``: the options it reads, each declared once in :data:`OPTIONS` with its range.
 - ``expectation``: what E_y of its gradient is (``reverse_kl``, ``forward_kl``, ``zero``, or
   ``biased``); ``unbiased`` means "expected gradient = ∇ reverse KL", the target of OPD.

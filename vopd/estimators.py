@@ -412,7 +412,7 @@ def advantage_stats(
     """The row statistics of :func:`row_stats` (``lse_p``, ``logp_y``, ...) and the per-row
     statistics ``spec.advantage`` asks for (``kl``, ``b_opt``, ``kl_topk``), from one chunked
     no-grad pass (plus a top-k gather for ``kl_topk``). Shared by the estimator and the exact
-    variance probe (:mod:`vopd.variance`), so the advantage is defined once."""
+    variance probe (:mod:`vopd.variance_math`), so the advantage is defined once."""
     st = row_stats(
         student_NV,
         teacher_NV,

@@ -24,6 +24,35 @@ from vopd.estimators import ESTIMATORS, hidden_loss, row_stats
 from vopd.hidden import hidden_row_stats
 
 
+def estimator_loss(
+    estimator: str,
+    options: dict,
+    student_out,
+    teacher_out,
+    tokens_BT,
+    weights_BT,
+    *,
+    from_hidden: bool = False,
+):
+    """The one place a loss is assembled (the trainer, the variance probe and the profiler call
+    it): ``ESTIMATORS[estimator]`` on the completion positions, or ``hidden_loss`` on the
+    (hidden_BTH, head_VH) pairs when ``from_hidden``, with the loss weights m' as the mask.
+
+    The run's normalisation (``token_mean`` over the whole global batch, or ``seq_mean``) and the
+    optional IS weight are already in m' (vopd.distributed.loss_weights), because only there can
+    they span micro-batches and ranks; the estimator is therefore called with
+    ``normalize="token_mean"`` on m', which with the scale of vopd.distributed.loss_scale gives
+    exactly the configured mean. (An estimator's own ``seq_mean`` is for callers that pass a
+    whole batch at once, e.g. ``ESTIMATORS[name](..., normalize="seq_mean")`` in user code.)"""
+    options = {**options, "normalize": "token_mean"}
+    if from_hidden:
+        (s_hidden, s_head), (t_hidden, t_head) = student_out, teacher_out
+        return hidden_loss(
+            estimator, s_hidden, s_head, t_hidden, t_head, tokens_BT, weights_BT, **options
+        )
+    return ESTIMATORS[estimator](student_out, teacher_out, tokens_BT, weights_BT, **options)
+
+
 def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBatch, V: int):
     """The estimator's loss on one (micro-)batch and its metrics, the no-grad diagnostics (KL,
     entropy, reward, log p(y)) from the same logits, and the loss weights m' it used as its mask
@@ -56,14 +85,10 @@ def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBa
         cap=cfg.is_cap,
     )  # fmt: skip
     weights_BT = dist.loss_weights(batch.mask_BT, cfg.normalize, w_B)
-    options = {**cfg.estimator_options(), "normalize": "token_mean"}
-    if cfg.loss_from_hidden:
-        loss, metrics = hidden_loss(cfg.estimator, s_hidden, s_head, t_hidden, t_head,
-                                    batch.tokens_BT, weights_BT, **options)  # fmt: skip
-    else:
-        loss, metrics = ESTIMATORS[cfg.estimator](
-            student_out, teacher_logits_BTV, batch.tokens_BT, weights_BT, **options
-        )
+    loss, metrics = estimator_loss(
+        cfg.estimator, cfg.estimator_options(), student_out, teacher_logits_BTV,
+        batch.tokens_BT, weights_BT, from_hidden=cfg.loss_from_hidden,
+    )  # fmt: skip
     m_N = batch.mask_BT.reshape(-1).to(st["kl"].dtype)
     sums = {
         "kl_mean": float((st["kl"] * m_N).sum()),

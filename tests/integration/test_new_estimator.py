@@ -26,7 +26,7 @@ from vopd.io import read_jsonl
 from vopd.is_correction import step_weights
 from vopd.profile import measure_one
 from vopd.trainer import train
-from vopd.variance import exact_probes, position_variance
+from vopd.variance_math import exact_probes, position_variance
 
 pytestmark = pytest.mark.integration
 D = torch.float64

@@ -12,7 +12,8 @@ import yaml
 
 from vopd import catalog
 from vopd.estimators import ESTIMATORS
-from vopd.variance import COLUMNS, main
+from vopd.variance import main
+from vopd.variance_probe import COLUMNS
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import torch
 from vopd import catalog
 from vopd.estimators import ESTIMATORS
 from vopd.gradstats import total_variance
-from vopd.variance import (
+from vopd.variance_math import (
     ExactPositionMoments,
     GradientMoments,
     as_variants,
