@@ -350,20 +350,22 @@ def measure_train_step(
     max_grad_norm=1.0,
     path="logits",
 ) -> dict:
-    """Time (per segment) and peak memory of one OPD optimizer step without the rollout;
+    """Time (per segment) and peak memory of one OPD optimizer step without the rollout: the
+    trainer's own pieces (``vopd.batch`` forwards, ``vopd.loss.estimator_loss``, backward,
+    clip, AdamW), timed segment by segment (``vopd.loss.train_step`` runs them as one block);
     ``path="hidden"``: both forwards stop at the last hidden states and the loss comes from
     them and the heads (``vopd.hidden.hidden_loss``, as ``loss_from_hidden`` trains)."""
     import torch
 
     from vopd.batch import RolloutBatch, completion_hidden, completion_logits
-    from vopd.hidden import hidden_loss
+    from vopd.loss import estimator_loss
 
     if path not in PATHS:
         raise ValueError(f"path={path!r}: expected one of {PATHS}")
 
     if threads:
         torch.set_num_threads(threads)
-    fn, opts = _estimator(estimator, vocab_size, top_k)
+    _, opts = _estimator(estimator, vocab_size, top_k)
     dev, meter = torch.device(device), _Meter(device)
     dt = getattr(torch, dtype)
     base = meter.now()
@@ -407,10 +409,9 @@ def measure_train_step(
         with torch.no_grad():
             q_out = forward(teacher, rb, vocab_size)
         t = tick("teacher_fwd_s", t)
-        if path == "hidden":
-            loss, _ = hidden_loss(estimator, *s_out, *q_out, rb.tokens_BT, rb.mask_BT, **opts)
-        else:
-            loss, _ = fn(s_out, q_out, rb.tokens_BT, rb.mask_BT, **opts)
+        loss, _ = estimator_loss(
+            estimator, opts, s_out, q_out, rb.tokens_BT, rb.mask_BT, from_hidden=path == "hidden"
+        )
         t = tick("loss_s", t)
         loss.backward()
         t = tick("backward_s", t)
