@@ -58,7 +58,7 @@ from vopd.catalog import DEFAULT_TOP_K, NORMALIZE  # noqa: F401  (re-exported)
 # L2/L3 cache, so every op after the first re-reads them from cache, not from DRAM; on a GPU the
 # chunks are larger so that kernel launches are amortised. Either way no [B,T,V] temporary exists.
 _CHUNK_ELEMENTS = 1 << 24  # GPU: 64 MiB of float32 per buffer
-_CPU_CHUNK_ELEMENTS = 1 << 19  # CPU: 2 MiB of float32 per buffer (3 rows at V = 151,936)
+_CPU_CHUNK_ELEMENTS = 1 << 20  # CPU: 4 MiB of float32 per buffer, rows rounded up to threads
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,9 +68,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk_rows(V: int, chunk_rows: int | None, device: torch.device | None = None) -> int:
     if chunk_rows is None:
-        cpu = device is None or torch.device(device).type == "cpu"
-        budget = _CPU_CHUNK_ELEMENTS if cpu else _CHUNK_ELEMENTS
-        return max(2 if cpu else 1, budget // V)  # >= 2 rows: row kernels split rows over threads
+        if device is not None and torch.device(device).type != "cpu":
+            return max(1, _CHUNK_ELEMENTS // V)
+        threads = torch.get_num_threads()  # the row kernels split a chunk's rows over threads
+        return -(-max(1, _CPU_CHUNK_ELEMENTS // V) // threads) * threads
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive row count or None")
     return chunk_rows

@@ -120,15 +120,20 @@ def hidden_loss(
         torch.zeros(W_S.shape, dtype=E.acc_dtype(W_S.dtype), device=W_S.device) if need_w else None
     )
 
+    # The logits are h @ W.T in the inputs' dtypes: an enclosing autocast is not applied (cast
+    # the hidden states and head to the dtype the model's head computes in, as completion_hidden).
+    def no_autocast():
+        return torch.autocast(h_NH.device.type, enabled=False)
+
     def chunk(idx_r: Tensor, weights_r: Tensor, *, backward: bool):
         """The estimator on rows ``idx_r`` with mask ``weights_r`` (token_mean) and, with
         ``backward``, its logit gradient δ_r (else None)."""
         h_rH = h_NH.index_select(0, idx_r).detach()
-        with torch.no_grad():
+        with torch.no_grad(), no_autocast():
             z_rV = h_rH @ W_S.detach().T
             u_rV = g_NH.index_select(0, idx_r) @ W_T.T
         z_rV.requires_grad_(backward)
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast():
             loss, metrics = fn(
                 z_rV[None],
                 u_rV[None],
@@ -166,10 +171,11 @@ def hidden_loss(
         if delta_rV is None:
             continue
         scale = float(share)
-        if need_h:
-            grad_h_NH.index_copy_(0, idx_r, (delta_rV @ W_S.detach()).mul_(scale))
-        if need_w:
-            _add_head_grad(grad_w_VH, delta_rV, h_rH, scale)
+        with no_autocast():
+            if need_h:
+                grad_h_NH.index_copy_(0, idx_r, (delta_rV @ W_S.detach()).mul_(scale))
+            if need_w:
+                _add_head_grad(grad_w_VH, delta_rV, h_rH, scale)
         del delta_rV
     metrics = merge_metrics(parts)
     return _attach(total, student_hidden_BTH, student_head_VH, grad_h_NH, grad_w_VH), metrics

@@ -331,3 +331,14 @@ def test_hidden_row_stats_equal_row_stats_on_logits():
     for key, x in ours.items():
         torch.testing.assert_close(x[live], ref[key][live], rtol=1e-12, atol=1e-12)
         assert (x[~live] == 0).all()
+
+
+def test_an_enclosing_autocast_is_not_applied():
+    """The logits are h @ W.T in the inputs' dtype (the caller casts, as completion_hidden)."""
+    h, W, ht, Wt, y = fixture(10, dtype=torch.float32)
+    ref = logits_path("vopd", h, W, ht, Wt, y, MASKS["bool"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = hidden_loss("vopd", h, W, ht, Wt, y, MASKS["bool"])
+    ours = (loss, metrics, torch.autograd.grad(loss, (h, W)))
+    assert ours[2][0].dtype == torch.float32
+    assert_same(ours, ref, rtol=1e-5, atol=1e-6)
