@@ -95,11 +95,10 @@ def _logprobs_with_grad(model, rollouts):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_engine_runs_on_the_cpu_defaults_when_there_is_no_cuda(engine):
+def test_engine_runs_on_the_cpu_defaults_when_there_is_no_cuda(engine, cpu_backend_only):
     """No setting beyond the backend name: float32, eager, an explicit KV cache on CPU."""
+    cpu_backend_only(engine)
     config = engine.llm.llm_engine.vllm_config
-    if engine.platform != "cpu":
-        pytest.skip(f"vLLM runs on {engine.platform}: the CPU defaults do not apply")
     assert not torch.cuda.is_available()
     assert config.model_config.dtype == torch.float32
     assert config.model_config.enforce_eager
@@ -167,3 +166,19 @@ def test_full_weight_sync_samples_the_new_weights(engine, base):
     mean, worst = gap(ro2, model)
     assert mean < MEAN_TOL and worst < MAX_TOL, ("full weights after the step", mean, worst)
     assert gap(ro2, old)[0] > OLD_GAP, "vLLM still samples the weights before the step"
+
+
+def test_load_weights_cannot_write_into_the_cpu_backend(engine, base, cpu_backend_only):
+    """Why full weights go through ``reload_weights`` on CPU: after loading, the CPU backend
+    repacks every linear weight for its GEMM kernels and leaves an empty ``Parameter`` without a
+    ``weight_loader``, so the model's ``load_weights`` (the GPU path) fails on the first linear.
+    Should a vLLM release make it work, this test says so, and both platforms can share it."""
+    cpu_backend_only(engine)
+    weights = [(name, t.detach()) for name, t in base.state_dict().items()]
+
+    def shapes(model):
+        return {n: tuple(p.shape) for n, p in model.named_parameters() if "qkv_proj" in n}
+
+    assert all(s == (0,) for s in engine.llm.apply_model(shapes)[0].values())  # repacked
+    with pytest.raises(AttributeError, match="weight_loader"):
+        engine.llm.apply_model(lambda m: m.load_weights(weights=weights))
