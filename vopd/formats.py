@@ -116,7 +116,7 @@ def answer_string(value) -> str:
 
 
 def _boxed_gold(solution) -> str | None:
-    from vopd.eval.graders import extract_boxed
+    from vopd.boxed import extract_boxed
 
     return extract_boxed(str(solution)) if _present(solution) else None
 
