@@ -1,4 +1,4 @@
-"""Cost benchmark of the estimator core (issue 3): loss + backward at the Qwen3 vocabulary.
+"""Cost benchmark of the estimator core: loss + backward at the Qwen3 vocabulary.
 
     python benchmarks/estimator_cost.py [--batch 2 --seq-len 256 --repeats 5]
 

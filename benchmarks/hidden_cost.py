@@ -1,4 +1,4 @@
-"""Cost benchmark of issue 15: the logits kernels against the memory-traffic floor, and the loss
+"""Cost benchmark: the logits kernels against the memory-traffic floor, and the loss
 from hidden states (``vopd.estimators.hidden.hidden_loss``) against the loss on materialised logits.
 
     python benchmarks/hidden_cost.py                       # everything below (tens of minutes)

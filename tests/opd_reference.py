@@ -4,7 +4,7 @@ Nothing here imports ``vopd``: each estimator is a scalar whose autograd gradien
 to the student logits ``s`` [B, T, V] is the estimator's gradient, built with plain
 ``log_softmax`` over the full vocabulary (the sampled tokens ``y`` held fixed, the teacher
 ``t`` a constant). The formulas are the tables of ``vopd.estimators`` / docs/estimators.md and
-of issue 13, with p = softmax(s), q = softmax(t), d_t = log p(y_t) − log q(y_t) = −r_t:
+of docs/estimators.md, with p = softmax(s), q = softmax(t), d_t = log p(y_t) − log q(y_t) = −r_t:
 
 | name            | loss whose gradient is the estimator's                                   |
 | sample_opd      | −Σ w sg[r] log p(y)  (clipped: r → max(r, ln λ/(1−λ)); undetached: see loss) |

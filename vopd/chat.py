@@ -1,6 +1,6 @@
 """The chat-template option of the training prompts (off by default, as in the official code).
 
-Official prompts (holi-lab/vOPD ``src/util.py::format_prompt``, reference-semantics.md §3) are the
+Official prompts (holi-lab/vOPD ``src/util.py::format_prompt``, docs/method.md §2) are the
 raw text ``"{problem}\\n\\nPlease reason step by step, and put your final answer within
 \\\\boxed{}."`` with no chat template and thinking off; ``vopd.data`` writes exactly that into the
 ``prompt`` column. ``chat_prompt`` wraps such a prompt as one user turn of the student's chat

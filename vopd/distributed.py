@@ -8,7 +8,7 @@ summed across ranks once per optimizer step (``all_reduce_grads``: a plain SUM a
 flat buckets, not DDP, so nothing is synchronised per micro-batch and the result does not depend
 on DDP's averaging convention).
 
-The normalisation is global (reference-semantics.md §0): the official code divides every
+The normalisation is global (docs/method.md §2): the official code divides every
 micro-batch's token sum by N/P with N the completion-token count gathered over all P processes,
 and DeepSpeed then averages over ranks, so the step gradient is the exact mean over all N tokens.
 Here, with D the global denominator (N for ``token_mean``; the number of non-empty sequences

@@ -11,7 +11,7 @@ taken from the question text, so reproducible), or ``A. ...`` lines inside the q
 (fingertap/GPQA-Diamond). MCQ golds may be a letter, a 0-based index (official
 ``answer_index_base = 0``), or the text of the right choice.
 
-Prompts (official holi-lab/vOPD, reference-semantics §3; no chat template): math
+Prompts (official holi-lab/vOPD, docs/method.md §2; no chat template): math
 ``MATH_PROMPT``; MCQ ``"{problem}\\n\\n" + MCQ_INSTRUCTION`` (official
 ``src/evaluate_mcq.py::build_prompt``), where an MCQ ``problem`` is the question followed by its
 lettered choices.

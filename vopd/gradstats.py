@@ -1,7 +1,7 @@
 """Gradient-variance statistics shared by the trainer and the variance probes.
 
 - ``adam_moment_proxy``: Σ_i (v̂_i − m̂_i²) over trainable parameters, from the optimizer's
-  bias-corrected Adam moments (official ``src/grad_variance.py``, reference-semantics §3). Since
+  bias-corrected Adam moments (official ``src/grad_variance.py``, docs/method.md §2). Since
   m̂ ≈ E[g] and v̂ ≈ E[g²] under Adam's exponential averages, it tracks the total per-coordinate
   variance of recent gradients.
 - ``total_variance``: E‖g − ḡ‖² = (1/K) Σ_k ‖g_k − ḡ‖² over K gradient samples (the official

@@ -2,7 +2,7 @@
 
 A rollout engine (vLLM, bf16 kernels, its own sampler) does not sample from exactly the
 distribution the trainer differentiates. The official run (TRL v1.2.0 defaults, read in
-reference-semantics.md §0) corrects for it per sequence:
+docs/method.md §2) corrects for it per sequence:
 
     w_b = exp( Σ_t m_t · (log p_train(y_t) − log p_sampler(y_t)) ),  w_b := 0 where w_b > 3,
 
@@ -14,7 +14,8 @@ family, ``vopd.catalog.sampled()``): the exact ones (full_opd, topk_opd, forward
 differentiate a divergence itself and the official code does not weight them.
 
 The trainer logs the mismatch every step whenever the backend returns sampler log-probs, whether
-or not the correction is on (anchors.md §3.7: the train/inference gap is a known failure mode).
+or not the correction is on (the train/inference gap is a known failure mode: docs/estimators.md,
+what peers do).
 Pure functions; tensors in, tensors and floats out.
 """
 

@@ -4,7 +4,7 @@
     save_adapter(model, "RUN/checkpoints/step20")                # adapter_config.json + weights
     model = load_for_eval("RUN/checkpoints/step20")              # base from adapter_config.json
 
-Official settings (holi-lab/vOPD ``configs/training/default.yaml``, reference-semantics.md §3):
+Official settings (holi-lab/vOPD ``configs/training/default.yaml``, docs/method.md §2):
 r = 64, α = 128 (scale α/r = 2), dropout 0.05, on the seven projection types q, k, v, o, gate,
 up, down; no bias; the frozen base in bf16. TRL's ``disable_dropout=True`` then sets every
 dropout probability to 0 (``minillm_trainer.py:229-231``), so the 0.05 is recorded in the

@@ -2,7 +2,7 @@
 the rollout engine that samples it. The trainer (``vopd.train``) calls these four functions;
 the CPU toy path (full fine-tuning, float32, hf backend) goes through them unchanged.
 
-Precision (official: bf16 + LoRA, reference-semantics.md §3):
+Precision (official: bf16 + LoRA, docs/method.md §2):
 
 - **LoRA**: the frozen base in ``dtype`` (bf16 at scale), the adapter in float32 (PEFT's
   ``autocast_adapter_dtype``), so Adam updates float32 numbers.

@@ -14,7 +14,7 @@ Modes:
 - ``train_step``: one optimizer step of the OPD loop with the rollout excluded (it is the same for
   every estimator): student forward with grad, teacher forward without, loss, backward, grad-norm
   clip (1.0, the HF default the official run uses) and AdamW step, each segment timed. The models
-  are the toy architecture (issue 4: Llama, hidden 128, 3 layers, 4 heads, MLP 256, tied
+  are the toy architecture (vopd/toy/sft.py: Llama, hidden 128, 3 layers, 4 heads, MLP 256, tied
   embeddings) or the architecture of ``--model-config DIR`` (e.g. a saved toy model or a hub
   model's ``config.json``), randomly initialised, with the swept vocabulary size: cost does not
   depend on the weights. Prompt + completion are random ids, T completion tokens after a

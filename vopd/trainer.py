@@ -15,14 +15,14 @@ Each optimizer step:
    vocabulary); backward (steps 2-3: :mod:`vopd.loss`), grad-norm clip, Adam/AdamW step, LR
    schedule.
 
-Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; reference-semantics.md):
+Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; docs/method.md):
 - the student forward runs once, not twice (the official code recomputes log p in a second pass);
 - no PPO ratio / clip: with one update per rollout batch the ratio is 1 and clipping is
-  inactive (ref-sem §0). The vLLM importance-sampling weight is an option (``is_correction``,
+  inactive (docs/method.md §2). The vLLM importance-sampling weight is an option (``is_correction``,
   vopd.is_correction; the hf backend samples the exact training policy: nothing to correct);
 - every estimator shares one normalisation (``normalize``); the official Full OPD runs at 64x
-  the PG methods' scale (ref-sem §1). ``detach_reward=False`` reproduces the released sample-OPD
-  advantage.
+  the PG methods' scale (docs/method.md §2). ``detach_reward=False`` reproduces the released
+  sample-OPD advantage.
 
 Outputs (RUN_DIR): ``config.yaml`` (resolved), ``env.json``, ``metrics.jsonl`` (one object per
 step), ``checkpoints/step{N}/`` (step0 = the initial student; the newest holds the resume state),

@@ -151,7 +151,7 @@ def probe(
 
 
 # ---------------------------------------------------------------------------------------------
-# Run directory -> rows (design.md results contract), table, CLI.
+# Run directory -> rows (the results contract (README)), table, CLI.
 
 
 def probe_seeds(seed: int, step: int, k: int) -> list[int]:

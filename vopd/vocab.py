@@ -7,7 +7,8 @@ On-policy distillation scores the student's sampled token ids under the teacher,
 tokenizers must give every token string the same id. The *model* row counts may still differ:
 checkpoints pad their embedding matrices past the tokenizer (inside the Qwen2.5 family the 0.5B,
 1.5B and 3B models have 151,936 logit rows and the 7B has 152,064, with one 151,665-token
-tokenizer; anchors.md §3.4, TRL issue 2215). Those padding rows are ids no text maps to.
+tokenizer; docs/estimators.md, what peers do; TRL issue #2215). Those padding rows are ids no
+text maps to.
 
 What this module decides:
 

@@ -220,7 +220,7 @@ def test_killed_generation_resumes(toy, tmp_path):
 
 def test_resume_never_reuses_chunks_of_other_weights_at_the_same_path(toy, tmp_path, monkeypatch):
     """Chunks saved for one model are discarded when other weights are saved at the same path
-    (issue 14: the resume fingerprint covered the model path, not its weights)."""
+    (a regression: the resume fingerprint covered the model path, not its weights)."""
     import shutil
 
     import torch

@@ -1,5 +1,5 @@
-"""Adding an estimator is one catalog entry (pg) or one function plus one entry (exact): issue 12's
-proof. Two throwaway estimators are registered with ``vopd.catalog.register`` (and removed in the
+"""Adding an estimator is one catalog entry (pg) or one function plus one entry (exact), proved.
+Two throwaway estimators are registered with ``vopd.catalog.register`` (and removed in the
 fixture's teardown), with no other edit anywhere, and each appears in the registry, the trainer's
 config validation, one in-process training run, the IS correction, the exact and Monte-Carlo
 variance probes (CLI too), the cost profiler's in-process measurement and the report tables:

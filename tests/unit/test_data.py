@@ -304,7 +304,7 @@ def test_rl_parquet_layout_unwraps():
 
 
 # ---------------------------------------------------------------------------------------------
-# Files of another benchmark, several files, malformed files (issue 14)
+# Files of another benchmark, several files, malformed files (regressions)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Estimators against an independent float64 reference (claims C1–C4, C11 of paper-notes §4; the
-peer estimators of issue 13).
+"""Estimators against an independent float64 reference (claims C1–C4, C11 of docs/method.md §3; the
+peer estimators of docs/estimators.md).
 
 The reference (``tests/opd_reference.py``) is written from the definitions with plain autograd
 over full log-softmax tensors: no code is shared with ``vopd.estimators``. Expectations over the
@@ -172,7 +172,7 @@ def test_const_adv_does_not_use_the_teacher():
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact expectations by enumerating every token sequence (C1–C3, C11; issue 13's table).
+# Exact expectations by enumerating every token sequence (C1–C3, C11; docs/estimators.md).
 
 
 def enumerate_expectation(fn, s):

@@ -1,6 +1,6 @@
 """The small and paper training configs load through TrainConfig (unknown keys, wrong types and
 out-of-range values would fail) and carry the official settings, written out here by hand from
-reference-semantics.md §3 (holi-lab/vOPD configs/training/default.yaml, accelerate.yaml, TRL
+docs/method.md §2 (holi-lab/vOPD configs/training/default.yaml, accelerate.yaml, TRL
 v1.2.0 defaults)."""
 
 from __future__ import annotations

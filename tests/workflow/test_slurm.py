@@ -11,7 +11,7 @@ answers already), slurmctld and slurmd, waits for the node to be idle, and runs 
 config with profiles/slurm (GPU and memory requests scaled down to this node) under
 ``timeout -s KILL``. Skips cleanly when the
 daemons cannot start. Daemons are stopped by the PIDs this test started them with.
-Facts behind each step: shared/docs/slurm-local.md (SLURM 22.05, plugin 2.8, ``squeue`` status).
+Facts behind each step: docs/scale.md, "SLURM on localhost" (SLURM 22.05, plugin 2.8).
 """
 
 from __future__ import annotations

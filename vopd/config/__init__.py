@@ -7,7 +7,7 @@ defaults.
 (the command line is ``vopd/config/__main__.py``; this module is the library)
 
 Defaults reproduce the official code where it has a setting (holi-lab/vOPD
-``configs/training/default.yaml`` + TRL v1.2.0 defaults, read in reference-semantics.md §3):
+``configs/training/default.yaml`` + TRL v1.2.0 defaults, read in docs/method.md §2):
 lr 1e-5 cosine, no warm-up, no weight decay, AdamW (0.9, 0.999, 1e-8), grad-norm clip 1.0,
 256 prompts x 1 rollout per step, one epoch, T = 1.0 / top_p 1 / top-k off, 2048 completion
 tokens, checkpoints every 20 steps, seed 42, ``kl_top_k: 100``. Loading rejects unknown keys

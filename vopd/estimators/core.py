@@ -8,7 +8,7 @@ where position t of the logits already predicts ``tokens_BT[:, t]``. With p the 
 teacher (both full-vocabulary softmax), y_t the sampled token, sg = detach:
 
     r_t  = log q(y_t) − log p(y_t)                       (per-token reward; E_y[r_t] = −KL_t)
-    KL_t = Σ_v p(v) [log p(v) − log q(v)]                (paper notes §1.1)
+    KL_t = Σ_v p(v) [log p(v) − log q(v)]                (docs/method.md §1)
 
 Which estimators exist, their family, options and advantages live in :mod:`vopd.catalog`
 (``ESTIMATORS`` below is a live view of it). The paper's (docs/method.md), ours and the peers'

@@ -7,7 +7,7 @@
     python -m vopd.eval.generate --model M --benchmark math500 gpqa_diamond \\
         --out A/samples.parquet B/samples.parquet --set gpqa_diamond.n=16   # one model load
 
-Official settings (paper-notes §2, reference-semantics §3 "Generation"): n = 8, T = 0.6, no chat
+Official settings (docs/method.md §2, docs/method.md §2 "Generation"): n = 8, T = 0.6, no chat
 template (the benchmark's ``prompt`` column is the model input); math top_p 1.0, top_k off,
 4096 new tokens; MCQ top_p 0.95, top_k 20, 4096 new tokens. Each flag overrides its default;
 ``--set NAME.KEY=VALUE`` overrides it for one of several benchmarks sampled in one call (the model

@@ -17,7 +17,7 @@ seconds (official: 5): one that runs over is wrong and ``timed_out``, one that r
 beyond Python's 4300-digit limit) is wrong with its ``grader_error``; both are ``flagged`` and
 the other samples are graded as usual. ``format_ok`` = an answer was extracted. A samples file
 covering another number of problems than its metadata's ``num_problems`` is refused. Official
-protocol: reference-semantics §3 (holi-lab/vOPD ``src/evaluate_math.py``, ``src/evaluate_mcq.py``).
+protocol: docs/method.md §2 (holi-lab/vOPD ``src/evaluate_math.py``, ``src/evaluate_mcq.py``).
 
 ``--gold-check`` grades, for every problem, a completion that states the gold answer in the
 expected format; every one must be correct (exit code 1 and the failures listed otherwise).

@@ -5,7 +5,7 @@ Pure functions, plus :func:`grade_math` and :func:`grade_mcq`, which run :func:`
 (:mod:`vopd.eval.timeout_pool`), so a pathological answer can never hang or crash grading: it
 counts as wrong and is flagged (``timed_out``, or the ``error`` it raised).
 
-Mirrors holi-lab/vOPD ``src/evaluate_math.py`` / ``src/evaluate_mcq.py`` (reference-semantics §3
+Mirrors holi-lab/vOPD ``src/evaluate_math.py`` / ``src/evaluate_mcq.py`` (docs/method.md §2
 "Grading"), with these deliberate differences (all documented in docs/evaluation.md):
 
 - math: gold and prediction that are equal as strings up to LaTeX spacing (``\\left``, ``\\,``,

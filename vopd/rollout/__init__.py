@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. Official training rollouts: T = 1.0, top_p = 1.0, top_k off, 2048 tokens
-    (reference-semantics §3); official evaluation: T = 0.6, n = 8, 4096 tokens (math top_p 1.0;
+    (docs/method.md §2); official evaluation: T = 0.6, n = 8, 4096 tokens (math top_p 1.0;
     MCQ top_p 0.95, top_k 20)."""
 
     temperature: float = 1.0

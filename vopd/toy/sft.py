@@ -44,7 +44,7 @@ hf_logging.disable_progress_bar()  # our own bar only: no per-checkpoint "Writin
 
 
 def toy_model_config(tokenizer, *, hidden=128, layers=3, heads=4, mlp=256) -> LlamaConfig:
-    """The toy Llama: known to learn 3-term 2-digit sums on 2 CPU cores in minutes (issue 4)."""
+    """The toy Llama: known to learn 3-term 2-digit sums on 2 CPU cores in minutes."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
