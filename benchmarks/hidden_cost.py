@@ -1,5 +1,5 @@
 """Cost benchmark of issue 15: the logits kernels against the memory-traffic floor, and the loss
-from hidden states (``vopd.hidden.hidden_loss``) against the loss on materialised logits.
+from hidden states (``vopd.estimators.hidden.hidden_loss``) against the loss on materialised logits.
 
     python benchmarks/hidden_cost.py                       # everything below (tens of minutes)
     python benchmarks/hidden_cost.py --skip-hidden         # the logits kernels only (minutes)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vopd.hidden import causal_lm_head, decoder_hidden
+from vopd.estimators.hidden import causal_lm_head, decoder_hidden
 from vopd.is_correction import sampler_logprobs_tensor
 from vopd.rollout import Rollouts
 
@@ -80,7 +80,7 @@ def completion_logits(model, batch: RolloutBatch, V: int) -> torch.Tensor:
 def completion_hidden(model, batch: RolloutBatch, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logits`` without the head: the [B, T, H] last hidden states whose projection
     predicts ``batch.tokens_BT[:, t]`` and the [V, H] head weight sliced to the shared vocabulary,
-    for ``vopd.hidden.hidden_loss`` (logits = hidden @ head.T, never materialised). Under
+    for ``vopd.estimators.hidden.hidden_loss`` (logits = hidden @ head.T, never materialised). Under
     autocast both come in the autocast dtype, the dtype the head would compute the logits in."""
     hidden_BLH = decoder_hidden(
         model,

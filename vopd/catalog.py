@@ -320,13 +320,13 @@ for _spec in (
     EstimatorSpec(
         name="full_opd", family="exact", label="full OPD", order=40,
         gradient="Σ w_t ∇KL_t", expectation="reverse_kl",
-        source="official distill_mode gkd_rkl", fn="vopd.estimators:full_opd",
+        source="official distill_mode gkd_rkl", fn="vopd.estimators.core:full_opd",
     ),
     EstimatorSpec(
         name="topk_opd", family="exact", label="top-k OPD", order=50,
         gradient="Σ w_t ∇KL(p̃‖q̃)_t on the student's top-k ids", expectation="biased",
         source="official gkd_rkl + opd_top_k; Rethinking OPD (arXiv 2604.13016)",
-        options=("top_k",), fn="vopd.estimators:topk_opd", metrics=("kl_topk_mean",),
+        options=("top_k",), fn="vopd.estimators.core:topk_opd", metrics=("kl_topk_mean",),
     ),
     EstimatorSpec(
         name="opt_baseline", family="pg", label="optimal baseline", order=60,
@@ -356,7 +356,7 @@ for _spec in (
         name="forward_kl_topk", family="exact", label="forward KL top-k (teacher)", order=100,
         gradient="Σ w_t (p − q̃), q̃ the teacher renormalised on its top-k",
         expectation="biased", source="verl on-policy distillation forward_kl_topk",
-        options=("top_k",), fn="vopd.estimators:forward_kl_topk",
+        options=("top_k",), fn="vopd.estimators.core:forward_kl_topk",
         metrics=("forward_kl_topk_mean", "teacher_mass"),
     ),
     EstimatorSpec(

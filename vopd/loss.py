@@ -21,7 +21,7 @@ from vopd import is_correction, policy
 from vopd.batch import RolloutBatch, completion_hidden, completion_logits
 from vopd.config import TrainConfig
 from vopd.estimators import ESTIMATORS, hidden_loss, row_stats
-from vopd.hidden import hidden_row_stats
+from vopd.estimators.hidden import hidden_row_stats
 
 
 def estimator_loss(
@@ -60,7 +60,8 @@ def compute_loss(cfg: TrainConfig, student, teacher_logits_BTV, batch: RolloutBa
 
     With ``cfg.loss_from_hidden`` the teacher comes as its (hidden_BTH, head_VH) pair
     (``completion_hidden``), the student's forward stops at its last hidden states, and the
-    diagnostics and the loss are computed chunk by chunk from them (vopd.hidden): no [B,T,V]."""
+    diagnostics and the loss are computed chunk by chunk from them (vopd.estimators.hidden): no
+    [B,T,V]."""
     B, T = batch.tokens_BT.shape
     y_N = batch.tokens_BT.reshape(-1).masked_fill(batch.mask_BT.reshape(-1) == 0, 0)
     with policy.autocast(cfg, batch.tokens_BT.device):

@@ -51,9 +51,10 @@ NAIVE = "naive_vopd"
 # backward allocates its gradient; page faults included) or written into an existing buffer.
 FLOOR, FLOOR_PREALLOC = "floor", "floor_prealloc"
 MODES = ("loss", "train_step")
-PATHS = ("logits", "hidden")  # the loss on [B,T,V] logits, or from hidden states (vopd.hidden)
+# the loss on [B,T,V] logits, or from hidden states (vopd.estimators.hidden)
+PATHS = ("logits", "hidden")
 TOY_VOCAB = 27  # vopd.toy tokenizer: 23 characters + <pad> <bos> <eos> <unk>
-# Issue 4: the toy Llama that learns 3-term sums on 2 CPU cores.
+# The toy Llama that learns 3-term sums on 2 CPU cores (vopd/toy/sft.py).
 TOY_ARCH = {
     "hidden_size": 128,
     "num_hidden_layers": 3,
@@ -201,8 +202,8 @@ def measure_one(
     """Time and peak memory of one loss + backward, in this process: on random [B, T, V] logits
     (``hidden_size`` None), or with ``hidden_size`` H on random [B, T, H] hidden states and
     [V, H] heads, by ``path``: ``logits`` materialises h @ W.T for both models (the student's
-    with grad) and runs the estimator; ``hidden`` runs ``vopd.hidden.hidden_loss``. Gradients
-    reach the student's hidden states, and its head when ``head_grad``."""
+    with grad) and runs the estimator; ``hidden`` runs ``vopd.estimators.hidden.hidden_loss``.
+    Gradients reach the student's hidden states, and its head when ``head_grad``."""
     import torch
 
     if threads:
@@ -282,7 +283,7 @@ def _logits_step(estimator, V, B, T, dt, dev, top_k, tokens, mask):
 def _hidden_step(estimator, V, B, T, H, dt, dev, top_k, path, head_grad, tokens, mask):
     import torch
 
-    from vopd.hidden import hidden_loss
+    from vopd.estimators.hidden import hidden_loss
 
     fn, opts = _estimator(estimator, V, top_k)
     scale = H**-0.5  # logits ~ N(0, 1), as the random-logits mode
@@ -354,7 +355,7 @@ def measure_train_step(
     trainer's own pieces (``vopd.batch`` forwards, ``vopd.loss.estimator_loss``, backward,
     clip, AdamW), timed segment by segment (``vopd.loss.train_step`` runs them as one block);
     ``path="hidden"``: both forwards stop at the last hidden states and the loss comes from
-    them and the heads (``vopd.hidden.hidden_loss``, as ``loss_from_hidden`` trains)."""
+    them and the heads (``vopd.estimators.hidden.hidden_loss``, as ``loss_from_hidden`` trains)."""
     import torch
 
     from vopd.batch import RolloutBatch, completion_hidden, completion_logits

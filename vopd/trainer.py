@@ -52,8 +52,8 @@ from vopd import distributed as dist
 from vopd.batch import make_batch
 from vopd.chat import chat_prompt
 from vopd.config import TrainConfig, dump_config, load_config
+from vopd.estimators.hidden import check_head
 from vopd.gradstats import adam_moment_proxy
-from vopd.hidden import check_head
 from vopd.io import append_jsonl, environment, read_jsonl, write_json, write_text
 from vopd.lock import run_lock
 from vopd.loss import compute_loss, train_step  # noqa: F401  (re-exported: the seams)

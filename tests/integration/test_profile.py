@@ -94,7 +94,8 @@ def test_bad_input(argv, message):
 
 def test_both_paths_from_hidden_states(tmp_path):
     """--path logits hidden with --hidden-size: the loss from materialised logits and from
-    hidden states (vopd.hidden), plus the floors; train_step runs either path, one forward each."""
+    hidden states (vopd.estimators.hidden), plus the floors; train_step runs either path, one
+    forward each."""
     out = tmp_path / "paths.parquet"
     main(["--out", str(out), "--vocab", "3000", "--seq-len", "16", "--batch", "2", "--floor",
           "--estimators", "vopd", "--path", "logits", "hidden", "--hidden-size", "8",

@@ -157,7 +157,7 @@ def test_loss_from_hidden_gives_the_same_step(tiny_models, tiny_world, estimator
         steps.append((m, {n: p.grad for n, p in student.named_parameters()}))
     (m_off, g_off), (m_on, g_on) = steps
     # float32: the same math in another order; bf16: logits rounded to 8 bits by both paths,
-    # the hidden-state gradient once more after its chunk's scale (vopd.hidden).
+    # the hidden-state gradient once more after its chunk's scale (vopd.estimators.hidden).
     rel, atol = (3e-2, 3e-3) if kw.get("dtype") == "bfloat16" else (1e-5, 1e-6)
     for key in m_off:
         if not key.startswith("time_"):

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS, hidden_loss
-from vopd.hidden import causal_lm_head, check_head, decoder_hidden
+from vopd.estimators.hidden import causal_lm_head, check_head, decoder_hidden
 
 D = torch.float64
 NAMES = list(ESTIMATORS)  # the registry, whatever it holds: nothing pinned here
@@ -319,7 +319,7 @@ def test_unsupported_heads_are_rejected():
 
 def test_hidden_row_stats_equal_row_stats_on_logits():
     from vopd.estimators import row_stats
-    from vopd.hidden import hidden_row_stats
+    from vopd.estimators.hidden import hidden_row_stats
 
     h, W, ht, Wt, y = fixture(9, B=3, T=4)
     mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(9)) > 0.4

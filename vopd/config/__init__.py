@@ -67,8 +67,9 @@ class TrainConfig:
     "dapo"); seq_mean: mean of per-sequence token means."""
     loss_from_hidden: bool = False
     """Compute the loss from both models' last hidden states and head weights, chunk by chunk
-    (vopd.hidden.hidden_loss): same loss and gradients, no [B, T, V] logits (on in small/paper;
-    the toy keeps logits, faster at V = 27). Needs bias-free, unscaled heads (Qwen3, Llama)."""
+    (vopd.estimators.hidden.hidden_loss): same loss and gradients, no [B, T, V] logits (on in
+    small/paper; the toy keeps logits, faster at V = 27). Needs bias-free, unscaled heads
+    (Qwen3, Llama)."""
 
     # --- rollouts -----------------------------------------------------------------------------
     prompts_per_step: int = 256

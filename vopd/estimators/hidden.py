@@ -92,7 +92,7 @@ def hidden_loss(
     Gradients flow to ``student_hidden_BTH`` and, when it requires grad, to ``student_head_VH``;
     none to the teacher. Bad input raises the logits path's ``ValueError`` (shapes, vocabulary
     sizes, token ids, ``normalize``, ``top_k``, unknown options) before the chunks run."""
-    from vopd import estimators as E
+    from vopd.estimators import core as E
 
     if name not in E.ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}: expected one of {list(E.ESTIMATORS)}")
@@ -196,7 +196,7 @@ def hidden_row_stats(
     """``vopd.estimators.row_stats`` (``kinds``: kl, entropy, opt_baseline) of the logits
     h W_Sᵀ and g W_Tᵀ, [B·T] each, computed ``chunk_rows`` positions at a time without grad.
     Positions where ``mask_BT`` is 0 are skipped (their statistics read 0); pad ids are fine."""
-    from vopd import estimators as E
+    from vopd.estimators import core as E
 
     _check_hidden(student_hidden_BTH, student_head_VH, teacher_hidden_BTH, teacher_head_VH)
     B, T, _ = student_hidden_BTH.shape

@@ -640,6 +640,3 @@ k1_loss = estimator_fn("k1_loss")
 k2_loss = estimator_fn("k2_loss")
 k3_loss = estimator_fn("k3_loss")
 const_adv = estimator_fn("const_adv")
-
-
-from vopd.hidden import hidden_loss  # noqa: E402, F401  (estimators from hidden states)
