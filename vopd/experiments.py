@@ -32,13 +32,22 @@ and inherits everything else from the main config unless it overrides it: ``seed
 ``report`` (merged). Its ``variance`` probes run only if it declares ``variance:`` (merged over
 the main config's ``k``, ``steps`` and ``args``); it never profiles cost (the estimators' cost
 does not depend on the ablated settings).
+
+A run whose resolved trainer config equals an earlier one's (the main comparison's first, then
+the ablations' in declaration order; e.g. the clip ablation's ``vopd`` is the main ``vopd``) is
+not trained again: the workflow copies its training artefacts (:func:`copy_run`) and evaluates
+the copy with the experiment's own settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import math
 import re
+import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -126,6 +135,9 @@ class Experiment:
     report: dict
     sweep: str | None = None  # the option or override the ablation sweeps (its figure's x axis)
     origins: dict = field(default_factory=dict, compare=False)  # variant -> config key
+    # (variant, seed) -> the run directory of an earlier run with the same resolved trainer
+    # config (the main comparison first, then the ablations in order): copied, not retrained
+    reused: dict = field(default_factory=dict, compare=False)
 
     @property
     def benchmarks(self) -> list[str]:
@@ -310,12 +322,25 @@ def resolve(
         exp = _ablation(main, name, raw)
         out[exp.name] = exp
     raw_train = _read_train_config(cfg["train"]["config"])
+    trained: dict[str, str] = {}  # resolved trainer config -> the run directory that trains it
     for exp in out.values():
         _check_experiment(exp, cfg)
-        check_runs(
+        runs = check_runs(
             exp, raw_train, vocab_size=vocab_size, student=student, teacher=teacher, prompts=prompts
         )
+        for (variant, seed), resolved in runs.items():
+            key = json.dumps(resolved, sort_keys=True)
+            run_dir = run_path(exp.name, variant, seed)
+            if key in trained:
+                exp.reused[(variant, seed)] = trained[key]
+            else:
+                trained[key] = run_dir
     return out
+
+
+def run_path(experiment: str, variant: str, seed: int) -> str:
+    """The run directory ``results/{experiment}/{variant}/seed{seed}``."""
+    return f"results/{experiment}/{variant}/seed{seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +404,11 @@ def check_runs(
     student: str,
     teacher: str,
     prompts: str,
-) -> None:
+) -> dict:
     """Build the trainer config of every run of ``exp``, from the same ``key=value`` text the
-    train rule passes; raise ``ValueError`` naming the config key that makes one invalid."""
+    train rule passes; raise ``ValueError`` naming the config key that makes one invalid.
+    Returns ``{(variant, seed): resolved trainer config as a dict}``."""
+    resolved = {}
     top = "train.overrides" if exp.ablation is None else f"{exp.key}train.overrides"
     sources = [(top, exp.train["overrides"])]
     sources += [(f"{exp.origins[n]}.overrides", v.overrides) for n, v in exp.variants.items()]
@@ -421,8 +448,60 @@ def check_runs(
                     f"an integer in [1, {vocab_size - 1}]: below the vocabulary size V = "
                     f"{vocab_size} (the trainer rejects top_k >= V; {run})",
                 )
+            resolved[(name, seed)] = cfg.to_dict()
+    return resolved
 
 
 def all_variant_names(exps: Mapping[str, Experiment]) -> list[str]:
     """Every variant name of every experiment (the ``{variant}`` wildcard's values)."""
     return sorted({v for e in exps.values() for v in e.variants})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reused runs: ``python -m vopd.experiments copy-run SRC DST``.
+
+# What a run directory holds that belongs to the training itself (its evaluations, probes, logs
+# and benchmarks belong to the experiment that ran them, and are made again for the copy).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "env.json", "resumes.jsonl")
+RUN_DIRS = ("checkpoints",)
+
+
+def copy_run(src: str | Path, dst: str | Path) -> Path:
+    """Copy a complete run's training artefacts (config, metrics, environment, checkpoints) to
+    ``dst``, then ``reused_from.json`` and ``done.json`` last: ``dst`` is complete only once
+    everything else is there, as the trainer does it."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "done.json").is_file():
+        raise ValueError(f"{src} is not a complete run: {src / 'done.json'} is missing")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "done.json").unlink(missing_ok=True)
+    for name in RUN_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    for name in RUN_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+    (dst / "reused_from.json").write_text(json.dumps({"source": str(src)}) + "\n")
+    shutil.copy2(src / "done.json", dst / "done.json.tmp")
+    (dst / "done.json.tmp").replace(dst / "done.json")
+    return dst
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vopd.experiments", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("copy-run", help="copy a run with the same resolved config (copy_run)")
+    c.add_argument("src", help="the complete run directory that trained it")
+    c.add_argument("dst", help="the run directory of the reusing experiment")
+    args = parser.parse_args(argv)
+    try:
+        out = copy_run(args.src, args.dst)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(json.dumps({"source": args.src, "run_dir": str(out)}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

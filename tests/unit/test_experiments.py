@@ -192,3 +192,33 @@ def test_config_fixture_is_not_mutated_by_resolve():
     before = copy.deepcopy(cfg)
     resolve(cfg)
     assert cfg == before
+
+
+def test_runs_with_the_same_resolved_config_are_reused_main_first():
+    exps = resolve(config())
+    assert exps["toy"].reused == {}
+    clip = exps["toy_ablation_clip"]
+    assert clip.reused[("vopd", 2)] == "results/toy/vopd/seed2"
+    assert ("vopd_noclip", 2) not in clip.reused
+    # lr 5e-4 is the toy default: the same resolved config as the main run, another name
+    assert exps["toy_ablation_lr"].reused[("full_opd_lr5e-4", 0)] == "results/toy/full_opd/seed0"
+    assert exps["toy_ablation_topk"].reused[("vopd_topk_k4", 1)] == "results/toy/vopd_topk/seed1"
+    assert ("vopd_topk_k8", 1) not in exps["toy_ablation_topk"].reused
+
+
+def test_copy_run_copies_training_artefacts_and_writes_done_last(tmp_path):
+    src = tmp_path / "a" / "vopd" / "seed0"
+    (src / "checkpoints" / "step2").mkdir(parents=True)
+    (src / "checkpoints" / "step2" / "model.safetensors").write_bytes(b"w")
+    for name in ("config.yaml", "metrics.jsonl", "env.json", "done.json"):
+        (src / name).write_text(name)
+    (src / "eval" / "toy_test").mkdir(parents=True)  # the source experiment's: not copied
+    dst = tmp_path / "b" / "vopd" / "seed0"
+    experiments.main(["copy-run", str(src), str(dst)])
+    assert (dst / "checkpoints" / "step2" / "model.safetensors").read_bytes() == b"w"
+    assert (dst / "config.yaml").read_text() == "config.yaml" and (dst / "done.json").is_file()
+    assert not (dst / "eval").exists()
+    assert str(src) in (dst / "reused_from.json").read_text()
+    (src / "done.json").unlink()
+    with pytest.raises(SystemExit, match="not a complete run"):
+        experiments.main(["copy-run", str(src), str(tmp_path / "c")])

@@ -285,6 +285,14 @@ def planned_outputs(*args) -> list[str]:
     return files
 
 
+def test_a_run_with_the_same_resolved_config_is_reused_not_retrained():
+    out = snakemake("ablation_clip", "-n", "-p", "--forceall").stdout
+    # the clip ablation's vopd is the main vopd (same config and seed): copied
+    assert "copy-run results/toy/vopd/seed1 results/toy_ablation_clip/vopd/seed1" in out
+    assert "--out results/toy_ablation_clip/vopd/seed1 " not in out  # not trained again
+    assert "--out results/toy_ablation_clip/vopd_noclip/seed1 " in out
+
+
 def test_two_variants_of_one_estimator_are_two_run_directories(tmp_path):
     def edit(c):
         c["estimators"] = {
@@ -308,15 +316,23 @@ SHARED = ("resources/toy/",)  # the toy world and SFT models every experiment re
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_each_ablation_target_plans_only_its_own_jobs(name):
+    """Its runs, evaluations, tables, figures and report; the shared toy world and SFT models;
+    and the main comparison's runs that it reuses (same resolved trainer config and seed:
+    trained once, copied by reuse_run), nothing else."""
     decl = ABLATIONS[name]
     files = planned_outputs(f"ablation_{name}")
     own = f"results/toy_ablation_{name}/"
-    assert files and all(f.startswith((own, *SHARED)) for f in files), [
-        f for f in files if not f.startswith((own, *SHARED))
+    reused = {f for f in files if f.startswith("results/toy/") and f.endswith("/done.json")}
+    for f in reused:  # only main runs of the same estimator definition, trained once
+        variant = f.split("/")[2]
+        assert variant in yaml.safe_load((REPO / "config/config.yaml").read_text())["estimators"]
+    allowed = (own, *SHARED)
+    assert files and all(f.startswith(allowed) or f in reused for f in files), [
+        f for f in files if not f.startswith(allowed) and f not in reused
     ]
-    runs = {f.split("/")[2] for f in files if f.endswith("/done.json")}
+    runs = {f.split("/")[2] for f in files if f.startswith(own) and f.endswith("/done.json")}
     assert runs == set(decl["estimators"])
-    seeds = {f.split("/")[3] for f in files if f.endswith("/done.json")}
+    seeds = {f.split("/")[3] for f in files if f.startswith(own) and f.endswith("/done.json")}
     assert len(seeds) >= 3
     assert f"{own}report.md" in files and f"{own}tables/accuracy.md" in files
     assert f"{own}figures/accuracy.png" in files
@@ -328,8 +344,11 @@ def test_each_ablation_target_plans_only_its_own_jobs(name):
 def test_ablations_target_builds_every_ablation_and_the_default_none():
     jobs = planned_outputs("ablations")
     assert {f.split("/")[1] for f in jobs if f.startswith("results/")} == {
-        f"toy_ablation_{n}" for n in ABLATIONS
+        "toy",  # the reused main runs (training only)
+        *(f"toy_ablation_{n}" for n in ABLATIONS),
     }
+    main_files = [f for f in jobs if f.startswith("results/toy/")]
+    assert main_files and all(f.endswith("/done.json") for f in main_files)
     default = planned_outputs()
     assert not any("_ablation_" in f for f in default)
 

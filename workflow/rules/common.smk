@@ -10,7 +10,9 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-REPO_ROOT = os.path.dirname(os.path.dirname(workflow.current_basedir.get_path_or_uri(secret_free=True)))
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(workflow.current_basedir.get_path_or_uri(secret_free=True))
+)
 
 # ---- validation -----------------------------------------------------------------------------
 # JSON schema first (unknown keys, wrong types, name patterns; schema defaults are filled in),
@@ -213,6 +215,16 @@ def run_dir(wildcards, output):
 
 def run_dir_of_input(wildcards, input):
     return os.path.dirname(input.done)
+
+
+NOT_REUSED = "results/.not-reused"  # never built: the reuse_run rule does not apply
+
+
+def reused_run_done(wildcards):
+    """done.json of the earlier run with the same resolved trainer config, if any (else a file
+    no rule makes, so Snakemake falls back to the train rule)."""
+    source = exp_of(wildcards).reused.get((wildcards.variant, int(wildcards.seed)))
+    return f"{source}/done.json" if source else NOT_REUSED
 
 
 def train_overrides(wildcards):

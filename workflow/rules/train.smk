@@ -28,3 +28,27 @@ rule train:
     shell:
         "{params.torch_env} {params.launch} vopd.train --config {input.config:q}"
         " --out {params.run_dir} {params.overrides} > {log} 2>&1"
+
+
+rule reuse_run:
+    """A run whose resolved trainer config equals an earlier experiment's (the main comparison
+    first): its training artefacts are copied, not trained again (vopd.experiments.copy_run);
+    evaluations and probes are made for the copy. Other runs fall through to `train`."""
+    input:
+        done=reused_run_done,
+    output:
+        done="results/{experiment}/{variant}/seed{seed}/done.json",
+    log:
+        "results/{experiment}/{variant}/seed{seed}/logs/reuse.log",
+    benchmark:
+        "results/{experiment}/{variant}/seed{seed}/benchmark/reuse.tsv"
+    conda:
+        "../envs/vopd-cpu.yaml"
+    params:
+        src=run_dir_of_input,
+        dst=run_dir,
+    shell:
+        "python -m vopd.experiments copy-run {params.src:q} {params.dst:q} > {log} 2>&1"
+
+
+ruleorder: reuse_run > train
