@@ -1,26 +1,36 @@
 """Aggregate an experiment's run directories into the tidy results tables of design.md.
 
     python -m vopd.aggregate --results-dir results/toy --experiment toy [--what all]
-        [--estimators sample_opd,vopd --seeds 0,1,2 --benchmarks toy_test --eval-steps 100
-         --variance-steps 0,50,100]
+        [--variants '{"vopd": {"estimator": "vopd", "options": {}}, ...}' --seeds 0,1,2
+         --benchmarks toy_test --eval-steps 100 --variance-runs vopd --variance-steps 0,50,100]
 
 Reads files only (it never imports torch) and writes, atomically, under ``--results-dir``:
 
-- ``runs.parquet``: ``experiment, estimator, seed, step, benchmark, metric, value``, one row per
-  number. Training curves come from each run's ``metrics.jsonl`` (benchmark ``train``, metric =
-  the JSONL key); evaluations from ``eval/{benchmark}/step{step}/summary.json`` (every numeric
-  field, e.g. ``avg@8``, ``pass@8``, ``maj@8``, and each CI bound as ``{metric}_ci95_lo/_hi``).
-- ``variance.parquet``: ``experiment, estimator, seed, step, probe, value`` plus
-  ``run_estimator`` (whose checkpoint was probed) and ``source``: the probes of
-  ``variance/step{step}.parquet`` (``source = probe``; ``estimator`` is the probed estimator) and
-  the Adam-moment proxy logged every training step (``source = train``; keys ``adam_*`` of
-  ``metrics.jsonl``; ``estimator = run_estimator``).
+Every run is one *variant* (an estimator with its options and trainer overrides, the key of the
+workflow config's ``estimators:``) and one seed, and every table says both: ``variant`` (the run
+directory's name), ``estimator`` (its catalog estimator) and ``variant_options`` (its options
+and overrides as ``key=value, ...``, sorted; empty for a bare estimator). They come from
+``--variants`` (the workflow gives them); without it from each run's resolved ``config.yaml``
+(the estimator, and those of its options that differ from the catalog defaults).
+
+- ``runs.parquet``: ``experiment, variant, estimator, seed, step, benchmark, metric, value,
+  variant_options``, one row per number. Training curves come from each run's
+  ``metrics.jsonl`` (benchmark ``train``, metric = the JSONL key); evaluations from
+  ``eval/{benchmark}/step{step}/summary.json`` (every numeric field, e.g. ``avg@8``,
+  ``pass@8``, ``maj@8``, and each CI bound as ``{metric}_ci95_lo/_hi``).
+- ``variance.parquet``: ``experiment, variant, estimator, seed, step, probe, value`` plus
+  ``run_variant`` and ``run_estimator`` (whose checkpoint was probed), ``source`` and
+  ``variant_options``: the probes of ``variance/step{step}.parquet`` (``source = probe``;
+  ``variant`` / ``estimator`` are the probed ones) and the Adam-moment proxy logged every
+  training step (``source = train``; keys ``adam_*`` of ``metrics.jsonl``; ``variant =
+  run_variant``).
 - ``profile.parquet``: ``estimator, vocab_size, seq_len, batch, step_s, peak_mem_bytes, device``
   (+ whatever else ``python -m vopd.profile`` wrote), from ``profile/*.parquet``.
-- ``references.parquet``: ``experiment, model, benchmark, metric, value`` of the not-distilled
-  models evaluated under ``reference/{model}/eval/{benchmark}/summary.json``.
+- ``references.parquet``: ``experiment, model, benchmark, metric, value, variant, estimator``
+  of the not-distilled models evaluated under ``reference/{model}/eval/{benchmark}/summary.json``
+  (``variant = reference:{model}``, ``estimator = none``: no estimator was used).
 
-A run directory is ``{results-dir}/{estimator}/seed{seed}/``; only complete runs (``done.json``
+A run directory is ``{results-dir}/{variant}/seed{seed}/``; only complete runs (``done.json``
 present) are read. If a resumed run re-logged steps after its last checkpoint, the last record
 of each step wins. With the filters given (the workflow always gives them), every expected file
 must exist, otherwise the command stops naming the missing file.
@@ -33,14 +43,21 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
+from vopd import catalog
+from vopd.experiments import describe_options
 from vopd.io import read_jsonl, write_parquet
 
-RUNS_COLUMNS = ["experiment", "estimator", "seed", "step", "benchmark", "metric", "value"]
-VARIANCE_COLUMNS = ["experiment", "estimator", "seed", "step", "probe", "value"]
+RUNS_COLUMNS = [
+    "experiment", "variant", "estimator", "seed", "step", "benchmark", "metric", "value",
+    "variant_options",
+]  # fmt: skip
+VARIANCE_COLUMNS = ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
 PROFILE_COLUMNS = [
     "estimator",
     "vocab_size",
@@ -50,7 +67,7 @@ PROFILE_COLUMNS = [
     "peak_mem_bytes",
     "device",
 ]
-REFERENCE_COLUMNS = ["experiment", "model", "benchmark", "metric", "value"]
+REFERENCE_COLUMNS = ["experiment", "model", "benchmark", "metric", "value", "variant", "estimator"]
 KINDS = ("runs", "references", "variance", "profile")
 SEED_DIR = re.compile(r"^seed(\d+)$")
 STEP_NAME = re.compile(r"^step(\d+)$")
@@ -68,33 +85,97 @@ def _warn(message: str) -> None:
 # ---- run directories ------------------------------------------------------------------------
 
 
-def find_runs(results_dir: Path, estimators=None, seeds=None) -> list[tuple[str, int, Path]]:
-    """Complete runs ``(estimator, seed, path)`` under ``results_dir``, sorted.
+@dataclass(frozen=True)
+class Run:
+    """One complete run directory: ``{results-dir}/{variant}/seed{seed}/``."""
 
-    With ``estimators`` and ``seeds`` given, exactly those runs are expected and a missing
-    ``done.json`` is an error; without them, incomplete runs are skipped with a warning."""
-    if estimators is not None and seeds is not None:
-        runs = []
-        for est in estimators:
+    variant: str
+    seed: int
+    path: Path
+    estimator: str
+    options: str  # variant_options: "key=value, ..." (sorted), "" for a bare estimator
+
+    def base(self, experiment: str) -> dict:
+        return {"experiment": experiment, "variant": self.variant, "estimator": self.estimator,
+                "seed": self.seed, "variant_options": self.options}  # fmt: skip
+
+
+def parse_variants(text: str | None) -> dict | None:
+    """``--variants`` JSON: ``{variant: {"estimator": NAME, "options": {key: value}}}``."""
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--variants: not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("estimator"), str) for v in raw.values()
+    ):
+        raise SystemExit(
+            '--variants: expected {"VARIANT": {"estimator": "NAME", "options": {...}}, ...}'
+        )
+    return raw
+
+
+def run_variant(path: Path, variant: str, declared: dict | None) -> tuple[str, str]:
+    """(estimator, variant_options) of one run: declared by ``--variants``, else read from the
+    run's resolved ``config.yaml``; a run trained with another estimator than declared is an
+    error (a stale directory of an older config)."""
+    trained, raw = None, {}
+    cfg = path / "config.yaml"
+    if cfg.is_file():
+        try:
+            raw = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SystemExit(f"{cfg}: not valid YAML ({err})") from None
+        trained = raw.get("estimator") if isinstance(raw, dict) else None
+    if declared is not None and variant in declared:
+        est = declared[variant]["estimator"]
+        if trained is not None and trained != est:
+            raise SystemExit(
+                f"{path}: trained with estimator {trained!r}, but variant {variant!r} is "
+                f"{est!r} in this config: a run directory of an older config? Remove it or "
+                "rename the variant"
+            )
+        return est, describe_options(declared[variant].get("options") or {})
+    if trained is None:
+        return variant, ""
+    try:
+        reads = catalog.get(trained).reads
+    except ValueError:
+        return trained, ""
+    opts = {k: raw[k] for k in reads if k in raw and raw[k] != catalog.OPTIONS[k].default}
+    return trained, describe_options(opts)
+
+
+def find_runs(results_dir: Path, variants=None, seeds=None, declared=None) -> list[Run]:
+    """Complete runs under ``results_dir``, sorted by (variant, seed).
+
+    With ``variants`` and ``seeds`` given, exactly those runs are expected and a missing
+    ``done.json`` is an error; without them, incomplete runs are skipped with a warning.
+    ``declared`` (``--variants``) names each variant's estimator and options."""
+    found = []
+    if variants is not None and seeds is not None:
+        for var in variants:
             for seed in seeds:
-                path = results_dir / est / f"seed{seed}"
+                path = results_dir / var / f"seed{seed}"
                 if not (path / "done.json").is_file():
                     raise SystemExit(f"run {path} is not complete: {path / 'done.json'} is missing")
-                runs.append((est, int(seed), path))
-        return runs
-    runs = []
-    for est_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
-        if est_dir.name in NOT_RUNS or (estimators is not None and est_dir.name not in estimators):
-            continue
-        for seed_dir in sorted(p for p in est_dir.iterdir() if p.is_dir()):
-            match = SEED_DIR.match(seed_dir.name)
-            if not match or (seeds is not None and int(match.group(1)) not in seeds):
+                found.append((var, int(seed), path))
+    else:
+        for var_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+            if var_dir.name in NOT_RUNS or (variants is not None and var_dir.name not in variants):
                 continue
-            if (seed_dir / "done.json").is_file():
-                runs.append((est_dir.name, int(match.group(1)), seed_dir))
-            else:
-                _warn(f"skipping incomplete run {seed_dir} (no done.json)")
-    return sorted(runs, key=lambda r: (r[0], r[1]))
+            for seed_dir in sorted(p for p in var_dir.iterdir() if p.is_dir()):
+                match = SEED_DIR.match(seed_dir.name)
+                if not match or (seeds is not None and int(match.group(1)) not in seeds):
+                    continue
+                if (seed_dir / "done.json").is_file():
+                    found.append((var_dir.name, int(match.group(1)), seed_dir))
+                else:
+                    _warn(f"skipping incomplete run {seed_dir} (no done.json)")
+    runs = [Run(v, s, p, *run_variant(p, v, declared)) for v, s, p in found]
+    return sorted(runs, key=lambda r: (r.variant, r.seed))
 
 
 def metrics_by_step(run_dir: Path) -> list[dict]:
@@ -142,8 +223,8 @@ def _step_dirs(parent: Path) -> dict[int, Path]:
 
 def collect_runs(results_dir, experiment, runs, benchmarks=None, eval_steps=None) -> pd.DataFrame:
     rows = []
-    for est, seed, run_dir in runs:
-        base = {"experiment": experiment, "estimator": est, "seed": seed}
+    for run in runs:
+        base, run_dir = run.base(experiment), run.path
         for record in metrics_by_step(run_dir):
             for key, value in record.items():
                 if key != "step" and _is_number(value):
@@ -218,33 +299,40 @@ def collect_references(results_dir, experiment, benchmarks=None) -> pd.DataFrame
                         "benchmark": bench,
                         "metric": metric,
                         "value": value,
+                        "variant": f"reference:{model}",
+                        "estimator": "none",
                     }
                 )
     return _frame(_finite_rows(rows, "references"), REFERENCE_COLUMNS)
 
 
 def collect_variance(
-    results_dir, experiment, runs, variance_runs=None, variance_steps=None
+    results_dir, experiment, runs, variance_runs=None, variance_steps=None, declared=None
 ) -> pd.DataFrame:
-    """Adam-proxy rows of every run; probe rows of the runs in ``variance_runs`` at
-    ``variance_steps`` (all expected), or of whatever probe files exist when not given."""
+    """Adam-proxy rows of every run; probe rows of the runs in ``variance_runs`` (variant
+    names) at ``variance_steps`` (all expected), or of whatever probe files exist when not
+    given. ``declared`` (``--variants``) gives the options of the probed variants it names."""
     rows = []
-    for est, seed, run_dir in runs:
-        base = {"experiment": experiment, "seed": seed, "run_estimator": est}
+    for run in runs:
+        run_dir, est = run.path, run.estimator
+        base = {"experiment": experiment, "seed": run.seed, "run_variant": run.variant,
+                "run_estimator": est}  # fmt: skip
         for record in metrics_by_step(run_dir):
             for key, value in record.items():
                 if key.startswith("adam_") and _is_number(value):
                     rows.append(
                         {
                             **base,
+                            "variant": run.variant,
                             "estimator": est,
+                            "variant_options": run.options,
                             "step": int(record["step"]),
                             "probe": key,
                             "value": float(value),
                             "source": "train",
                         }
                     )
-        if variance_runs is not None and est not in variance_runs:
+        if variance_runs is not None and run.variant not in variance_runs:
             continue
         found = _step_dirs(run_dir / "variance")
         steps = sorted(found) if variance_steps is None else variance_steps
@@ -252,34 +340,46 @@ def collect_variance(
             path = run_dir / "variance" / f"step{step}.parquet"
             if not path.is_file():
                 raise SystemExit(f"variance probe {path} is missing")
-            rows.extend(_probe_rows(path, base, est, step))
+            rows.extend(_probe_rows(path, base, run, step, declared))
     rows = _finite_rows(rows, "variance")
-    frame = _frame(rows, [*VARIANCE_COLUMNS, "run_estimator", "source"])
+    columns = [*VARIANCE_COLUMNS, "run_variant", "run_estimator", "source", "variant_options"]
+    frame = _frame(rows, columns)
     if frame.empty:
         _warn("no variance data: no run logged adam_* metrics and no probe files were found")
     return frame
 
 
-def _probe_rows(path: Path, base: dict, run_estimator: str, step: int) -> list[dict]:
-    """Rows of one ``python -m vopd.variance`` output: long (``probe, value`` [+ ``estimator``])
-    or wide (one numeric column per probe, one row per estimator)."""
+def _probe_rows(path: Path, base: dict, run: Run, step: int, declared=None) -> list[dict]:
+    """Rows of one ``python -m vopd.variance`` output: long (``probe, value`` [+ ``variant``,
+    ``estimator``]) or wide (one numeric column per probe, one row per estimator). A file
+    without a ``variant`` column (older probes) names each probed estimator its own variant."""
     df = pd.read_parquet(path)
     if "estimator" not in df.columns:
-        df = df.assign(estimator=run_estimator)
+        df = df.assign(estimator=run.estimator)
+    if "variant" not in df.columns:
+        df = df.assign(variant=df["estimator"])
     if {"probe", "value"} <= set(df.columns):
-        long = df[["estimator", "probe", "value"]]
+        long = df[["variant", "estimator", "probe", "value"]]
     else:
-        skip = {"experiment", "seed", "step", "estimator", "run_estimator", "run_dir"}
+        skip = {"experiment", "seed", "step", "estimator", "variant", "run_estimator", "run_dir"}
         value_cols = [
             c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
         ]
         if not value_cols:
             raise SystemExit(f"{path}: expected columns probe,value or numeric probe columns")
-        long = df.melt(id_vars=["estimator"], value_vars=value_cols, var_name="probe")
+        long = df.melt(id_vars=["variant", "estimator"], value_vars=value_cols, var_name="probe")
+    declared = declared or {}
+
+    def options(variant: str) -> str:
+        entry = declared.get(variant)
+        return describe_options(entry.get("options") or {}) if entry else ""
+
     return [
         {
             **base,
+            "variant": str(r.variant),
             "estimator": str(r.estimator),
+            "variant_options": options(str(r.variant)),
             "step": int(step),
             "probe": str(r.probe),
             "value": float(r.value),
@@ -330,12 +430,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--results-dir", required=True, type=Path, help="results/{experiment}")
     parser.add_argument("--experiment", required=True, help="the experiment column's value")
     parser.add_argument("--what", default="all", choices=("all", *KINDS), help="which table(s)")
-    parser.add_argument("--estimators", help="comma-separated: only these runs (all expected)")
+    parser.add_argument(
+        "--variants",
+        help='JSON {"VARIANT": {"estimator": NAME, "options": {...}}}: only these runs (all '
+        "expected), with their estimator and options (default: every run directory, its "
+        "estimator read from its config.yaml)",
+    )
+    parser.add_argument(
+        "--estimators", help="comma-separated variant names: only these runs (all expected)"
+    )
     parser.add_argument("--seeds", help="comma-separated: only these seeds (all expected)")
     parser.add_argument("--benchmarks", help="comma-separated: only these benchmarks")
     parser.add_argument("--eval-steps", help="comma-separated: only these evaluation steps")
     parser.add_argument(
-        "--variance-runs", help="comma-separated: the estimators whose runs were probed"
+        "--variance-runs", help="comma-separated: the variants whose runs were probed"
     )
     parser.add_argument("--variance-steps", help="comma-separated: the probed steps (all expected)")
     args = parser.parse_args(argv)
@@ -343,18 +451,20 @@ def main(argv=None) -> dict:
     results_dir = args.results_dir
     if not results_dir.is_dir():
         raise SystemExit(f"--results-dir {results_dir} does not exist")
-    estimators, seeds = _csv(args.estimators), _csv(args.seeds, int)
+    declared = parse_variants(args.variants)
+    seeds = _csv(args.seeds, int)
+    names = list(declared) if declared is not None else _csv(args.estimators)
     benchmarks = _csv(args.benchmarks)
     kinds = KINDS if args.what == "all" else (args.what,)
     written = {}
     runs = None
     for kind in kinds:
         if kind in ("runs", "variance") and runs is None:
-            runs = find_runs(results_dir, estimators, seeds)
+            runs = find_runs(results_dir, names, seeds, declared)
             if not runs:
                 raise SystemExit(
                     f"no complete runs under {results_dir}: expected "
-                    f"{results_dir}/{{estimator}}/seed{{N}}/done.json"
+                    f"{results_dir}/{{variant}}/seed{{N}}/done.json"
                 )
         if kind == "runs":
             df = collect_runs(
@@ -369,6 +479,7 @@ def main(argv=None) -> dict:
                 runs,
                 _csv(args.variance_runs),
                 _csv(args.variance_steps, int),
+                declared,
             )
         else:
             df = collect_profile(results_dir)

@@ -2,20 +2,29 @@
 
     python -m vopd.report --results-dir results/toy [--what tables|figures|summary|all]
         [--only accuracy,cost] [--metric avg] [--smooth 5] [--reference-estimator sample_opd]
+        [--sweep top_k] [--description TEXT] [--ablations results/toy_ablation_topk,...]
 
 Reads ``runs.parquet``, ``references.parquet``, ``variance.parquet`` and ``profile.parquet``
 (``python -m vopd.aggregate``; files only, never torch) and writes, atomically:
 
-- ``tables/{accuracy,training,variance,cost}.{csv,md}``: one row per estimator, mean ± sample std
-  over training seeds and a 95% bootstrap CI of the mean over seeds. Accuracy is the headline
+- ``tables/{accuracy,training,variance,cost}.{csv,md}``: one row per variant (an estimator with
+  its options and trainer overrides; the CSVs carry ``variant``, ``estimator`` and
+  ``variant_options``, the Markdown the variant and its estimator's label with the options),
+  in catalog order of the estimator, then by option value; mean ± sample std over training
+  seeds and a 95% bootstrap CI of the mean over seeds. Accuracy is the headline
   metric (``avg@n`` by default, the real n) of each benchmark at the last evaluated step, their
   mean over benchmarks, and the seed-paired difference to the reference estimator (the runs of
   one seed share the student's initial weights and the prompt order, so pairing removes that
   noise). Variance: probe ratios to the reference estimator at the same checkpoint, and the
   Adam-proxy ratio over training (ratio of the training means, per seed). Cost: time and peak
-  memory per estimator and (V, T), with ratios to the reference estimator.
+  memory per estimator and (V, T), with ratios to the reference estimator (cost does not depend
+  on the variant: ``variant`` = ``estimator`` there). With ``--sweep KEY`` (an ablation that
+  sweeps an option or override), ``tables/sweep`` has the headline accuracy per estimator at each
+  value of KEY.
 - ``figures/*.{png,pdf}`` (see :mod:`vopd.figures`) and ``report.md``, which embeds the tables
-  and figures and states what they say about the paper's claims C4, C6-C9 (paper-notes §4).
+  and figures and states what they say about the paper's claims C4, C6-C9 (paper-notes §4);
+  with ``--ablations DIR,...`` (the main experiment), a section for each ablation built so far
+  (its description, headline table and figure, and a link to its own report).
 
 The bootstrap is exact for up to 8 seeds: every resample is enumerated with its multinomial
 probability (no random numbers, so the tables are reproducible to the last digit); above that a
@@ -29,6 +38,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -38,10 +48,10 @@ import pandas as pd
 from vopd import catalog  # torch-free: display order and labels of the estimators
 from vopd.io import write_text
 
-TABLES = ("accuracy", "training", "variance", "cost")
+TABLES = ("accuracy", "training", "variance", "cost", "sweep")
 # How the reference rows (models evaluated without OPD) are labelled in tables and figures.
 REFERENCE_LABEL = {"student": "student (before OPD)", "teacher": "teacher"}
-FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost")
+FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost", "sweep")
 TRAINING_METRICS = ("kl_mean", "reward_mean", "entropy", "response_len", "grad_norm", "step_s")
 # The probes the Markdown variance table shows (variance.csv has all of them): ratios to the
 # reference estimator, then raw values (names of python -m vopd.variance).
@@ -133,6 +143,80 @@ def estimator_order(names) -> list[str]:
     return sorted(set(names), key=catalog.order_key)
 
 
+# ---- variants -------------------------------------------------------------------------------
+# A variant is a named estimator with options and trainer overrides (vopd.catalog.Variant); the
+# aggregated files carry ``variant``, ``estimator`` and ``variant_options`` ("k=v, k=v").
+
+
+def with_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Files without variant columns (older aggregates): every estimator is its own variant."""
+    if df is None:
+        return df
+    if "variant" not in df.columns and "estimator" in df.columns:
+        df = df.assign(variant=df["estimator"])
+    if "variant_options" not in df.columns:
+        df = df.assign(variant_options="")
+    if "run_estimator" in df.columns and "run_variant" not in df.columns:
+        df = df.assign(run_variant=df["run_estimator"])
+    df["variant_options"] = df["variant_options"].fillna("").astype(str)
+    return df
+
+
+def variant_info(*frames) -> dict[str, tuple[str, str]]:
+    """``{variant: (estimator, variant_options)}`` of every variant in the frames."""
+    info = {}
+    for df in frames:
+        if df is None or df.empty or "variant" not in df.columns:
+            continue
+        for r in df[["variant", "estimator", "variant_options"]].drop_duplicates().itertuples():
+            info.setdefault(str(r.variant), (str(r.estimator), str(r.variant_options)))
+    return info
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """``'lr=0.001, top_k=4'`` -> ``{'lr': '0.001', 'top_k': '4'}``."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(", "))):
+        key, _, value = item.partition("=")
+        out[key] = value
+    return out
+
+
+def _value_key(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def variant_order(names, info: dict) -> list[str]:
+    """Display order: the estimator's catalog order, then the options (numerically where
+    they are numbers: k = 1, 2, 4, ...), then the name."""
+
+    def key(name):
+        est, opts = info.get(name, (name, ""))
+        parsed = sorted((k, _value_key(v)) for k, v in parse_options(opts).items())
+        return (catalog.order_key(est), parsed, _natural(name))
+
+    return sorted(set(names), key=key)
+
+
+def variant_label(name: str, info: dict) -> str:
+    """The estimator's catalog label and the variant's options: ``vOPD top-k (top_k=4)``."""
+    est, opts = info.get(name, (name, ""))
+    return catalog.label(est) + (f" ({opts})" if opts else "")
+
+
+def variant_columns(name: str, info: dict) -> dict:
+    """The variant columns of a table CSV row."""
+    est, opts = info.get(name, (name, ""))
+    return {"variant": name, "estimator": est, "variant_options": opts}
+
+
 # ---- accuracy -------------------------------------------------------------------------------
 
 
@@ -147,8 +231,9 @@ def headline_metric(metrics, family: str) -> str:
 
 
 def per_seed_accuracy(runs: pd.DataFrame, family: str):
-    """(wide, metrics, steps): wide = (estimator, seed) x benchmark of the headline metric at
+    """(wide, metrics, steps): wide = (variant, seed) x benchmark of the headline metric at
     each benchmark's last evaluated step, plus an ``average`` column (mean over benchmarks)."""
+    runs = with_variants(runs)
     ev = runs[runs["benchmark"] != "train"]
     if ev.empty:
         raise SystemExit("runs.parquet has no evaluation rows (only benchmark 'train')")
@@ -158,14 +243,14 @@ def per_seed_accuracy(runs: pd.DataFrame, family: str):
         metrics[bench] = headline_metric(rows["metric"], family)
         steps[bench] = int(rows["step"].max())
         sel = rows[(rows["metric"] == metrics[bench]) & (rows["step"] == steps[bench])]
-        parts.append(sel.set_index(["estimator", "seed"])["value"].rename(bench))
+        parts.append(sel.set_index(["variant", "seed"])["value"].rename(bench))
     wide = pd.concat(parts, axis=1)
     wide["average"] = wide[list(metrics)].mean(axis=1, skipna=False)
     return wide, metrics, steps
 
 
 def paired_delta(wide: pd.DataFrame, a: str, b: str, column: str = "average"):
-    """Per-seed ``a - b`` of ``column`` over the seeds both estimators have (None if none)."""
+    """Per-seed ``a - b`` of ``column`` over the seeds both variants have (None if none)."""
     if a not in wide.index.get_level_values(0) or b not in wide.index.get_level_values(0):
         return None
     diff = (wide.loc[a, column] - wide.loc[b, column]).dropna()
@@ -173,19 +258,21 @@ def paired_delta(wide: pd.DataFrame, a: str, b: str, column: str = "average"):
 
 
 def accuracy_table(runs, references, family="avg", reference_estimator="sample_opd"):
+    runs = with_variants(runs)
+    info = variant_info(runs)
     wide, metrics, steps = per_seed_accuracy(runs, family)
     benches = list(metrics)
     columns = [*benches, "average"] if len(benches) > 1 else benches
-    ests = estimator_order(wide.index.get_level_values(0).unique())
+    variants = variant_order(wide.index.get_level_values(0).unique(), info)
     csv_rows, md_rows = [], []
-    for est in ests:
-        cells = [est]
+    for var in variants:
+        cells = [var, variant_label(var, info)]
         for col in columns:
-            s = seed_stats(wide.loc[est, col].dropna())
+            s = seed_stats(wide.loc[var, col].dropna())
             metric = metrics.get(col, f"{family}@n mean over benchmarks")
             csv_rows.append(
                 {
-                    "estimator": est,
+                    **variant_columns(var, info),
                     "benchmark": col,
                     "metric": metric,
                     "step": steps.get(col, max(steps.values())),
@@ -193,12 +280,12 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
                 }
             )
             cells.append(fmt_stats(s))
-        delta = paired_delta(wide, est, reference_estimator, columns[-1])
-        if est != reference_estimator and delta is not None:
+        delta = paired_delta(wide, var, reference_estimator, columns[-1])
+        if var != reference_estimator and delta is not None:
             s = seed_stats(delta)
             csv_rows.append(
                 {
-                    "estimator": est,
+                    **variant_columns(var, info),
                     "benchmark": columns[-1],
                     "metric": f"delta_vs_{reference_estimator}",
                     "step": steps.get(columns[-1], max(steps.values())),
@@ -211,7 +298,7 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
         md_rows.append(cells)
     if references is not None and not references.empty:
         for model in sorted(references["model"].unique()):
-            cells, vals = [f"*{REFERENCE_LABEL.get(model, model)}*"], []
+            cells, vals = [f"*{REFERENCE_LABEL.get(model, model)}*", ""], []
             for bench in benches:
                 sel = references[
                     (references["model"] == model)
@@ -222,7 +309,9 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
                 vals.append(value)
                 csv_rows.append(
                     {
-                        "estimator": f"reference:{model}",
+                        "variant": f"reference:{model}",
+                        "estimator": "none",
+                        "variant_options": "",
                         "benchmark": bench,
                         "metric": metrics[bench],
                         "step": 0,
@@ -238,7 +327,8 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
                 cells.append(fmt_num(float(np.mean(vals))))
             md_rows.append([*cells, "—"])
     header = [
-        "estimator",
+        "variant",
+        "estimator (options)",
         *[f"{c} {metrics[c]}" if c in metrics else c for c in columns],
         f"Δ {columns[-1]} vs {reference_estimator} (paired by seed)",
     ]
@@ -249,12 +339,59 @@ def accuracy_table(runs, references, family="avg", reference_estimator="sample_o
     return pd.DataFrame(csv_rows), markdown_table(header, md_rows) + "\n" + note
 
 
+def sweep_table(runs, references, sweep: str, family="avg"):
+    """An ablation's headline accuracy (mean over benchmarks) per estimator at each value of
+    the option or override ``sweep``; variants that do not set it are rows of their own."""
+    runs = with_variants(runs)
+    info = variant_info(runs)
+    wide, metrics, steps = per_seed_accuracy(runs, family)
+    col = "average" if len(metrics) > 1 else next(iter(metrics))
+    points, anchors = {}, []
+    for var in variant_order(wide.index.get_level_values(0).unique(), info):
+        est, opts = info.get(var, (var, ""))
+        value = parse_options(opts).get(sweep)
+        if value is None:
+            anchors.append(var)
+        else:
+            points.setdefault(est, {})[value] = var
+    values = sorted({v for p in points.values() for v in p}, key=_value_key)
+    metric = metrics.get(col, f"{family}@n mean over benchmarks")
+    csv_rows, md_rows = [], []
+    for est in estimator_order(points):
+        cells = [catalog.label(est)]
+        for value in values:
+            var = points[est].get(value)
+            if var is None:
+                cells.append("—")
+                continue
+            s = seed_stats(wide.loc[var, col].dropna())
+            base = {**variant_columns(var, info), sweep: value, "benchmark": col}
+            csv_rows.append({**base, "metric": metric, **s})
+            cells.append(fmt_stats(s))
+        md_rows.append(cells)
+    for var in anchors:
+        s = seed_stats(wide.loc[var, col].dropna())
+        base = {**variant_columns(var, info), sweep: None, "benchmark": col}
+        csv_rows.append({**base, "metric": metric, **s})
+        label = f"{variant_label(var, info)} (sets no {sweep})"
+        md_rows.append([label, *[fmt_stats(s)] * len(values)])
+    header = ["estimator", *[f"{sweep} = {v}" for v in values]]
+    what = "mean over benchmarks" if col == "average" else col
+    note = (
+        f"{family}@n ({what}) at step {max(steps.values())} against {sweep}; mean ± std over "
+        "seeds [95% bootstrap CI]. Every variant's own row is in accuracy.md.\n"
+    )
+    return pd.DataFrame(csv_rows), markdown_table(header, md_rows) + "\n" + note
+
+
 # ---- training -------------------------------------------------------------------------------
 
 
 def training_table(runs, window: int = 5):
     """Final-window means (last ``window`` logged steps) of the training metrics per seed, the
     largest gradient norm over training, and the mean step time over training."""
+    runs = with_variants(runs)
+    info = variant_info(runs)
     tr = runs[runs["benchmark"] == "train"]
     if tr.empty:
         raise SystemExit("runs.parquet has no training rows (benchmark 'train')")
@@ -265,11 +402,11 @@ def training_table(runs, window: int = 5):
     if "step_s" in metrics:
         specs.append(("step_s", "mean"))
     csv_rows, md_rows = [], []
-    for est in estimator_order(tr["estimator"].unique()):
-        cells = [est]
+    for var in variant_order(tr["variant"].unique(), info):
+        cells = [var, variant_label(var, info)]
         for metric, stat in specs:
             per_seed = []
-            for _, g in tr[(tr["estimator"] == est) & (tr["metric"] == metric)].groupby("seed"):
+            for _, g in tr[(tr["variant"] == var) & (tr["metric"] == metric)].groupby("seed"):
                 g = g.sort_values("step")
                 if stat == "final":
                     per_seed.append(g["value"].iloc[-window:].mean())
@@ -278,10 +415,12 @@ def training_table(runs, window: int = 5):
                 else:
                     per_seed.append(g["value"].mean())
             s = seed_stats(per_seed)
-            csv_rows.append({"estimator": est, "metric": metric, "statistic": stat, **s})
+            csv_rows.append(
+                {**variant_columns(var, info), "metric": metric, "statistic": stat, **s}
+            )
             cells.append(fmt_stats(s))
         md_rows.append(cells)
-    header = ["estimator", *[f"{m} ({st})" for m, st in specs]]
+    header = ["variant", "estimator (options)", *[f"{m} ({st})" for m, st in specs]]
     note = (
         f"final = mean of the last {window} logged steps; max / mean over all steps; "
         "mean ± std over seeds [95% bootstrap CI].\n"
@@ -297,24 +436,26 @@ def is_variance_probe(name: str) -> bool:
 
 
 def probe_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
-    """Probe rows of variance-type probes divided by the reference estimator's value at the
-    same checkpoint (run_estimator, seed, step, probe)."""
+    """Probe rows of variance-type probes divided by the reference variant's value at the
+    same checkpoint (run_variant, seed, step, probe)."""
+    var = with_variants(var)
     probes = var[(var["source"] == "probe") & var["probe"].map(is_variance_probe)]
-    keys = ["run_estimator", "seed", "step", "probe"]
-    ref = probes[probes["estimator"] == reference_estimator].set_index(keys)["value"]
+    keys = ["run_variant", "seed", "step", "probe"]
+    ref = probes[probes["variant"] == reference_estimator].set_index(keys)["value"]
     out = probes.join(ref.rename("ref"), on=keys)
     return out.assign(ratio=out["value"] / out["ref"]).dropna(subset=["ratio"])
 
 
 def adam_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
-    """Per (estimator, seed): mean Adam proxy over training / the reference run's (same seed)."""
+    """Per (variant, seed): mean Adam proxy over training / the reference run's (same seed)."""
+    var = with_variants(var)
     train = var[(var["source"] == "train") & (var["probe"] == "adam_proxy")]
-    means = train.groupby(["estimator", "seed"])["value"].mean()
+    means = train.groupby(["variant", "seed"])["value"].mean()
     if reference_estimator not in means.index.get_level_values(0):
-        return pd.DataFrame(columns=["estimator", "seed", "ratio"])
+        return pd.DataFrame(columns=["variant", "seed", "ratio"])
     ref = means.loc[reference_estimator]
     rows = [
-        {"estimator": e, "seed": s, "ratio": v / ref[s]}
+        {"variant": e, "seed": s, "ratio": v / ref[s]}
         for (e, s), v in means.items()
         if s in ref.index
     ]
@@ -322,55 +463,52 @@ def adam_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
 
 
 def variance_table(var, reference_estimator="sample_opd"):
+    var = with_variants(var)
     if var.empty:
         raise SystemExit("variance.parquet is empty: no probes and no adam_* training metrics")
+    info = variant_info(var)
     ratios = probe_ratios(var, reference_estimator)
     adam = adam_ratios(var, reference_estimator)
     others = var[(var["source"] == "probe") & ~var["probe"].map(is_variance_probe)]
     csv_rows, header_cols = [], []
-    cells_by_est: dict[str, dict[str, str]] = {}
-    multi_run = ratios["run_estimator"].nunique() > 1
+    cells_by_row: dict[tuple[str, str], dict[str, str]] = {}
+    multi_run = ratios["run_variant"].nunique() > 1
 
-    def label(est, run_est):
-        return f"{est} @ {run_est} checkpoints" if multi_run else est
+    def row_key(v, run_v):
+        return (v, f"{v} @ {run_v} checkpoints" if multi_run else v)
 
     shown_ratio = [p for p in MD_RATIO_PROBES if p in set(ratios["probe"])] or sorted(
         set(ratios["probe"])
     )
     last_probe_step = ratios["step"].max() if not ratios.empty else None
-    for (run_est, probe, step, est), g in ratios.groupby(
-        ["run_estimator", "probe", "step", "estimator"]
-    ):
+    for (run_v, probe, step, v), g in ratios.groupby(["run_variant", "probe", "step", "variant"]):
         s = seed_stats(g["ratio"])
-        csv_rows.append(
-            {"estimator": est, "run_estimator": run_est, "probe": f"{probe}_ratio", "step": step}
-            | s
-        )
+        base = {**variant_columns(v, info), "run_variant": run_v}
+        csv_rows.append({**base, "probe": f"{probe}_ratio", "step": step} | s)
         # Markdown: the headline probe at every step, the other shown ones at the last step.
         if probe in shown_ratio and (probe == shown_ratio[0] or step == last_probe_step):
             col = f"{probe} ratio @ step {step}"
             header_cols.append(col)
-            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
+            cells_by_row.setdefault(row_key(v, run_v), {})[col] = fmt_stats(s)
     last = others["step"].max() if not others.empty else None
-    for (run_est, probe, est), g in others[others["step"] == last].groupby(
-        ["run_estimator", "probe", "estimator"]
+    for (run_v, probe, v), g in others[others["step"] == last].groupby(
+        ["run_variant", "probe", "variant"]
     ):
         s = seed_stats(g["value"])
         csv_rows.append(
-            {"estimator": est, "run_estimator": run_est, "probe": probe, "step": last} | s
+            {**variant_columns(v, info), "run_variant": run_v, "probe": probe, "step": last} | s
         )
         if probe in MD_RAW_PROBES:
             col = f"{probe} @ step {last}"
             header_cols.append(col)
-            cells_by_est.setdefault(label(est, run_est), {})[col] = fmt_stats(s)
-    for est, g in adam.groupby("estimator"):
+            cells_by_row.setdefault(row_key(v, run_v), {})[col] = fmt_stats(s)
+    for v, g in adam.groupby("variant"):
         s = seed_stats(g["ratio"])
-        csv_rows.append(
-            {"estimator": est, "run_estimator": est, "probe": "adam_proxy_ratio", "step": -1} | s
-        )
+        base = {**variant_columns(v, info), "run_variant": v}
+        csv_rows.append({**base, "probe": "adam_proxy_ratio", "step": -1} | s)
         col = "Adam proxy ratio (own run, training mean)"
         header_cols.append(col)
-        cells_by_est.setdefault(est, {})[col] = fmt_stats(s)
+        cells_by_row.setdefault((v, v), {})[col] = fmt_stats(s)
 
     def column_order(col: str):
         if col.startswith("Adam proxy"):
@@ -381,20 +519,25 @@ def variance_table(var, reference_estimator="sample_opd"):
         return (1, MD_RAW_PROBES.index(name), 0)
 
     header_cols = sorted(dict.fromkeys(header_cols), key=column_order)
-    order = estimator_order({k.split(" @ ")[0] for k in cells_by_est})
+    order = variant_order({v for v, _ in cells_by_row}, info)
     rows = [
-        [k, *[cells_by_est[k].get(c, "—") for c in header_cols]]
-        for e in order
-        for k in sorted(cells_by_est)
-        if k.split(" @ ")[0] == e
+        [
+            shown,
+            variant_label(v, info),
+            *[cells_by_row[(v, shown)].get(c, "—") for c in header_cols],
+        ]
+        for v in order
+        for (vv, shown) in sorted(cells_by_row)
+        if vv == v
     ]
     note = (
         f"Ratios to {reference_estimator} (below 1 = less variance). Probes: the same "
-        "checkpoint for every estimator; Adam proxy: sum(v_hat - m_hat^2) of each estimator's "
+        "checkpoint for every variant; Adam proxy: sum(v_hat - m_hat^2) of each variant's "
         "own run, ratio of training means paired by seed (step -1 in the CSV). "
         "Mean ± std over seeds [95% bootstrap CI]. Every probe is in variance.csv.\n"
     )
-    return pd.DataFrame(csv_rows), markdown_table(["estimator", *header_cols], rows) + "\n" + note
+    header = ["variant", "estimator (options)", *header_cols]
+    return pd.DataFrame(csv_rows), markdown_table(header, rows) + "\n" + note
 
 
 # ---- cost -----------------------------------------------------------------------------------
@@ -420,6 +563,7 @@ def cost_summary(prof: pd.DataFrame, reference_estimator="sample_opd") -> pd.Dat
 
 
 def cost_table(prof, reference_estimator="sample_opd"):
+    """Cost per estimator (no variants: ``variant`` = ``estimator`` in the CSV)."""
     agg, keys = cost_summary(prof, reference_estimator)
     group_keys = keys[:-3]
     md = []
@@ -452,19 +596,30 @@ def cost_table(prof, reference_estimator="sample_opd"):
         f"Best time of the repeats and peak memory; (Nx) = ratio to {reference_estimator} "
         "in the same configuration.\n"
     )
-    return agg, "\n".join(md) + "\n" + note
+    csv = agg.copy()
+    csv.insert(0, "variant", csv["estimator"])
+    return csv, "\n".join(md) + "\n" + note
 
 
 # ---- I/O ------------------------------------------------------------------------------------
 
 
 def load(results_dir: Path, name: str, required: bool = True):
+    """An aggregated Parquet file (runs and variance with their variant columns)."""
     path = results_dir / f"{name}.parquet"
     if not path.is_file():
         if required:
             raise SystemExit(f"{path} is missing: run python -m vopd.aggregate first")
         return None
-    return pd.read_parquet(path)
+    df = pd.read_parquet(path)
+    return with_variants(df) if name in ("runs", "variance") else df
+
+
+def reference_cost_estimator(results_dir: Path, ref: str) -> str:
+    """The estimator of the reference variant (cost is per estimator)."""
+    runs = load(results_dir, "runs", required=False)
+    info = variant_info(runs) if runs is not None else {}
+    return info.get(ref, (ref, ""))[0]
 
 
 def build_table(results_dir: Path, name: str, args) -> tuple[pd.DataFrame, str]:
@@ -472,11 +627,16 @@ def build_table(results_dir: Path, name: str, args) -> tuple[pd.DataFrame, str]:
     if name == "accuracy":
         refs = load(results_dir, "references", required=False)
         return accuracy_table(load(results_dir, "runs"), refs, args.metric, ref)
+    if name == "sweep":
+        if not getattr(args, "sweep", None):
+            raise SystemExit("--only sweep needs --sweep KEY (the option the variants sweep)")
+        refs = load(results_dir, "references", required=False)
+        return sweep_table(load(results_dir, "runs"), refs, args.sweep, args.metric)
     if name == "training":
         return training_table(load(results_dir, "runs"), args.smooth)
     if name == "variance":
         return variance_table(load(results_dir, "variance"), ref)
-    return cost_table(load(results_dir, "profile"), ref)
+    return cost_table(load(results_dir, "profile"), reference_cost_estimator(results_dir, ref))
 
 
 def write_table(results_dir: Path, name: str, df: pd.DataFrame, md: str) -> None:
@@ -516,14 +676,14 @@ def claims(results_dir: Path, args) -> list[str]:
     if var is not None and not var.empty:
         ratios = probe_ratios(var, ref)
         for est in ("vopd", "opt_baseline", "full_opd"):
-            g = ratios[(ratios["estimator"] == est) & (ratios["probe"] == "total_variance")]
+            g = ratios[(ratios["variant"] == est) & (ratios["probe"] == "total_variance")]
             if len(g):
                 per_step = ", ".join(
                     f"step {s}: {fmt_stats(seed_stats(x['ratio']))}" for s, x in g.groupby("step")
                 )
                 lines.append(f"- **C4 (variance)**: total variance {est} / {ref} = {per_step}.")
         adam = adam_ratios(var, ref)
-        g = adam[adam["estimator"] == "vopd"]
+        g = adam[adam["variant"] == "vopd"]
         if len(g):
             lines.append(
                 f"- **C4 (Adam proxy)**: vopd / {ref} over training = "
@@ -531,7 +691,7 @@ def claims(results_dir: Path, args) -> list[str]:
             )
     prof = load(results_dir, "profile", required=False)
     if prof is not None and not prof.empty:
-        agg, _ = cost_summary(prof, ref)
+        agg, _ = cost_summary(prof, reference_cost_estimator(results_dir, ref))
         if "mode" in agg.columns and (agg["mode"] == "loss").any():
             agg = agg[agg["mode"] == "loss"]
         top = agg[agg["vocab_size"] == agg["vocab_size"].max()]
@@ -547,6 +707,53 @@ def claims(results_dir: Path, args) -> list[str]:
     return lines
 
 
+SECTIONS = (  # (title, table, figure) of report.md, in order
+    ("Accuracy", "accuracy", "accuracy"),
+    ("Accuracy against the swept setting", "sweep", "sweep"),
+    ("Training", "training", "training_curves"),
+    ("Gradient variance", "variance", "variance_ratio"),
+    ("Cost", "cost", "cost"),
+)
+
+
+def _table_body(md_path: Path) -> str:
+    return md_path.read_text().split("\n", 2)[-1]
+
+
+def ablation_section(report_dir: Path, folder: Path) -> list[str]:
+    """The main report's section of one built ablation: its description, its headline table
+    (the sweep table when it sweeps a setting, else accuracy) and figure, and the variance
+    table when it probed; paths relative to the main report."""
+    rel = Path("..") / folder.name
+    name = folder.name.split("_ablation_", 1)[-1]
+    out = [f"### Ablation `{name}`\n"]
+    quoted = [ln for ln in (folder / "report.md").read_text().splitlines() if ln.startswith("> ")]
+    if quoted:
+        out.append(quoted[0][2:] + "\n")  # the ablation's description
+    out.append(
+        f"Runs in `{folder}/`; its own report: [{rel}/report.md]({rel}/report.md) "
+        f"(`snakemake --cores all ablation_{name}`).\n"
+    )
+    for table, figure in (("sweep", "sweep"), ("accuracy", "accuracy")):
+        md = folder / "tables" / f"{table}.md"
+        if md.is_file():
+            if (folder / "figures" / f"{figure}.png").is_file():
+                out.append(f"![{name} {figure}]({rel}/figures/{figure}.png)\n")
+            out.append(_table_body(md))
+            break
+    if table == "sweep":
+        acc = folder / "tables" / "accuracy.md"
+        if acc.is_file():
+            out.append(_table_body(acc))
+    var = folder / "tables" / "variance.md"
+    runs_probed = folder / "variance.parquet"
+    if var.is_file() and runs_probed.is_file():
+        probed = pd.read_parquet(runs_probed)
+        if (probed["source"] == "probe").any():
+            out.append(_table_body(var))
+    return out
+
+
 def write_summary(results_dir: Path, args) -> None:
     exp = results_dir.name
     out = [
@@ -554,13 +761,18 @@ def write_summary(results_dir: Path, args) -> None:
         f"Generated by `python -m vopd.report --results-dir {results_dir}` from the Parquet "
         "files of this folder (`runs.parquet`, `variance.parquet`, `profile.parquet`). "
         "Tables: `tables/*.csv` (machine-readable) and `tables/*.md`; figures: "
-        "`figures/*.png` / `.pdf`.\n",
+        "`figures/*.png` / `.pdf`. Every row is a *variant*: an estimator with its options "
+        "and trainer overrides.\n",
     ]
+    description = getattr(args, "description", None)
+    if description:
+        out.append("> " + " ".join(description.split()) + "\n")  # one line: read back below
     runs = load(results_dir, "runs", required=False)
     if runs is not None:
         tr = runs[runs["benchmark"] == "train"]
         out.append(
-            f"Runs: {tr['estimator'].nunique()} estimators x {tr['seed'].nunique()} seeds, "
+            f"Runs: {tr['variant'].nunique()} variants of {tr['estimator'].nunique()} "
+            f"estimators x {tr['seed'].nunique()} seeds, "
             f"{int(tr['step'].max()) if len(tr) else 0} steps; benchmarks: "
             f"{', '.join(sorted(set(runs['benchmark']) - {'train'})) or 'none'}.\n"
         )
@@ -571,13 +783,7 @@ def write_summary(results_dir: Path, args) -> None:
             *lines,
             "\nWith few seeds the bootstrap CIs are coarse; read the per-seed signs too.\n",
         ]
-    sections = (
-        ("Accuracy", "accuracy", "accuracy"),
-        ("Training", "training", "training_curves"),
-        ("Gradient variance", "variance", "variance_ratio"),
-        ("Cost", "cost", "cost"),
-    )
-    for title, table, figure in sections:
+    for title, table, figure in SECTIONS:
         md_path = results_dir / "tables" / f"{table}.md"
         png = results_dir / "figures" / f"{figure}.png"
         if not md_path.is_file() and not png.is_file():
@@ -586,7 +792,20 @@ def write_summary(results_dir: Path, args) -> None:
         if png.is_file():
             out.append(f"![{figure}](figures/{figure}.png)\n")
         if md_path.is_file():
-            out.append(md_path.read_text().split("\n", 2)[-1])
+            out.append(_table_body(md_path))
+    ablations = [Path(p) for p in (getattr(args, "ablations", None) or "").split(",") if p]
+    built = [a for a in ablations if (a / "report.md").is_file()]
+    if ablations:
+        out.append("## Ablations\n")
+        missing = [a.name.split("_ablation_", 1)[-1] for a in ablations if a not in built]
+        if missing:
+            out.append(
+                "Not built yet: "
+                + ", ".join(f"`{m}` (`snakemake --cores all ablation_{m}`)" for m in missing)
+                + "; rerun `snakemake --cores all` after building one to add its section here.\n"
+            )
+        for folder in built:
+            out += ablation_section(results_dir, folder)
     write_text(results_dir / "report.md", "\n".join(out))
 
 
@@ -610,7 +829,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--reference-estimator",
         default="sample_opd",
-        help="ratios and paired differences are relative to this estimator",
+        help="ratios and paired differences are relative to this variant",
+    )
+    parser.add_argument("--sweep", help="the option or override an ablation sweeps (tables/sweep)")
+    parser.add_argument("--description", help="what the experiment asks (report.md)")
+    parser.add_argument(
+        "--ablations", help="comma-separated results folders of declared ablations (report.md)"
     )
     args = parser.parse_args(argv)
     if args.smooth < 1:
@@ -628,13 +852,18 @@ def main(argv=None) -> dict:
         "variance": "variance",
         "variance_ratio": "variance",
         "cost": "profile",
+        "sweep": "runs",
     }
 
     def selected(names):
         if only is not None:
             return [n for n in names if n in only]
-        # --what all without --only: whatever the aggregated files allow.
-        return [n for n in names if (results_dir / f"{needs[n]}.parquet").is_file()]
+        # --what all without --only: whatever the aggregated files (and --sweep) allow.
+        return [
+            n
+            for n in names
+            if (results_dir / f"{needs[n]}.parquet").is_file() and (n != "sweep" or args.sweep)
+        ]
 
     written = []
     if args.what in ("tables", "all"):

@@ -95,13 +95,17 @@ def test_runs_contract_and_values(exp):
     runs = pd.read_parquet(exp / "runs.parquet")
     assert list(runs.columns) == [
         "experiment",
+        "variant",
         "estimator",
         "seed",
         "step",
         "benchmark",
         "metric",
         "value",
+        "variant_options",
     ]
+    # no --variants and no config.yaml in the run: each directory is its own estimator
+    assert (runs["variant"] == runs["estimator"]).all() and set(runs["variant_options"]) == {""}
     assert runs["seed"].dtype == "int64" and runs["step"].dtype == "int64"
     assert runs["value"].dtype == "float64"
     assert set(runs["experiment"]) == {"exp"}
@@ -136,7 +140,7 @@ def test_incomplete_runs_skipped_without_filters_and_rejected_with_them(exp, cap
     assert "skipping incomplete run" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"full_opd/seed0/done\.json is missing"):
         args = ["--results-dir", str(exp), "--experiment", "exp", "--what", "runs"]
-        main([*args, "--estimators", "full_opd", "--seeds", "0"])
+        main([*args, "--variants", '{"full_opd": {"estimator": "full_opd"}}', "--seeds", "0"])
 
 
 def test_filters_select_runs_and_require_every_expected_eval(exp):
@@ -154,13 +158,42 @@ def test_no_runs_is_an_error(tmp_path):
         main(["--results-dir", str(tmp_path / "exp"), "--experiment", "exp", "--what", "runs"])
 
 
+def test_variants_named_by_the_workflow_and_read_from_the_run_config(exp):
+    # two variants of vopd_topk; one run's resolved config.yaml names its estimator
+    for name, k in (("vopd_topk_k4", 4), ("vopd_topk_k16", 16)):
+        run = write_run(exp, name, 0, [{"step": 1, "loss": float(k), "adam_proxy": 1.0}])
+        (run / "config.yaml").write_text(f"estimator: vopd_topk\ntop_k: {k}\nlr: 0.001\n")
+    args = ["--results-dir", str(exp), "--experiment", "exp", "--what", "runs", "--seeds", "0"]
+    declared = {
+        "vopd_topk_k16": {"estimator": "vopd_topk", "options": {"top_k": 16, "lr": 0.001}},
+        "vopd": {"estimator": "vopd", "options": {}},
+    }
+    main([*args, "--variants", json.dumps(declared), "--benchmarks", ""])
+    runs = pd.read_parquet(exp / "runs.parquet")
+    k16 = runs[runs["variant"] == "vopd_topk_k16"].iloc[0]
+    assert (k16["estimator"], k16["variant_options"]) == ("vopd_topk", "lr=0.001, top_k=16")
+    assert set(runs["variant"]) == {"vopd_topk_k16", "vopd"}
+    # without --variants: the estimator and its non-default options from config.yaml
+    main(args[:-2])
+    runs = pd.read_parquet(exp / "runs.parquet")
+    k4 = runs[runs["variant"] == "vopd_topk_k4"].iloc[0]
+    assert (k4["estimator"], k4["variant_options"]) == ("vopd_topk", "top_k=4")
+    # a run directory trained with another estimator than the config declares: refused
+    wrong = {"vopd_topk_k4": {"estimator": "topk_opd", "options": {"top_k": 4}}}
+    with pytest.raises(SystemExit, match="trained with estimator 'vopd_topk'"):
+        main([*args, "--variants", json.dumps(wrong)])
+
+
 # ---- variance, profile, references ------------------------------------------------------------
 
 
 def test_variance_adam_proxy_from_training_and_probes_from_files(exp):
     main(["--results-dir", str(exp), "--experiment", "exp", "--what", "variance"])
     var = pd.read_parquet(exp / "variance.parquet")
-    assert list(var.columns[:6]) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    assert list(var.columns[:7]) == [
+        "experiment", "variant", "estimator", "seed", "step", "probe", "value"
+    ]  # fmt: skip
+    assert {"run_variant", "run_estimator", "source", "variant_options"} <= set(var.columns)
     train = var[var["source"] == "train"]
     assert len(train) == 12  # 2 estimators x 2 seeds x 3 steps
     assert cell(train, estimator="vopd", seed=0, step=2, probe="adam_proxy") == 2.0
@@ -210,7 +243,10 @@ def test_profile_contract_and_missing_column(exp):
 def test_references(exp):
     main(["--results-dir", str(exp), "--experiment", "exp", "--what", "references"])
     refs = pd.read_parquet(exp / "references.parquet")
-    assert list(refs.columns) == ["experiment", "model", "benchmark", "metric", "value"]
+    assert list(refs.columns) == [
+        "experiment", "model", "benchmark", "metric", "value", "variant", "estimator"
+    ]  # fmt: skip
+    assert set(refs["variant"]) == {"reference:teacher"} and set(refs["estimator"]) == {"none"}
     assert cell(refs, model="teacher", benchmark="toy_test", metric="avg@4") == 0.9
 
 

@@ -109,7 +109,7 @@ def test_accuracy_table_by_hand():
     csv, md = report.accuracy_table(runs_frame(), refs)
 
     def row(est, bench, metric="avg@4"):
-        sel = csv[(csv["estimator"] == est) & (csv["benchmark"] == bench)]
+        sel = csv[(csv["variant"] == est) & (csv["benchmark"] == bench)]
         sel = sel[sel["metric"] == metric] if metric else sel
         assert len(sel) == 1
         return sel.iloc[0]
@@ -119,25 +119,62 @@ def test_accuracy_table_by_hand():
     assert row("sample_opd", "toy_test")["step"] == 10
     # average over benchmarks per seed: sample_opd (0.40, 0.50), vopd (0.50, 0.60)
     avg = csv[(csv["benchmark"] == "average") & (csv["metric"] != "delta_vs_sample_opd")]
-    assert avg.set_index("estimator")["mean"].to_dict() == pytest.approx(
+    assert avg.set_index("variant")["mean"].to_dict() == pytest.approx(
         {"sample_opd": 0.45, "vopd": 0.55}
     )
     # paired by seed: vopd - sample_opd = (0.10, 0.10): mean 0.1, std 0
     delta = row("vopd", "average", "delta_vs_sample_opd")
     assert delta["mean"] == pytest.approx(0.1) and delta["std"] == pytest.approx(0.0)
     assert row("reference:teacher", "toy_hard")["mean"] == 0.8
-    assert "| vopd | 0.400 ± 0.141 [0.300, 0.500] | 0.700 ± 0.000 [0.700, 0.700] |" in md
+    assert "| vopd | vOPD | 0.400 ± 0.141 [0.300, 0.500] | 0.700 ± 0.000 [0.700, 0.700] |" in md
     assert "(2/2 seeds > 0)" in md
-    assert "*teacher* | 0.800 | 0.900 | 0.850 |" in md  # toy_hard, toy_test, mean
+    assert "*teacher* |  | 0.800 | 0.900 | 0.850 |" in md  # toy_hard, toy_test, mean
+    assert row("reference:teacher", "toy_hard")["estimator"] == "none"
+
+
+def variants_frame() -> pd.DataFrame:
+    """Two variants of vopd_topk (k = 16 and k = 4: displayed by k) and sample_opd."""
+    rows = []
+    for var, est, opts, base in (
+        ("sample_opd", "sample_opd", "", 0.4),
+        ("vopd_topk_k16", "vopd_topk", "top_k=16", 0.6),
+        ("vopd_topk_k4", "vopd_topk", "top_k=4", 0.5),
+    ):
+        for seed in (0, 1):
+            rows.append((var, est, opts, seed, 10, "toy_test", "avg@4", base + seed / 10))
+            rows.append((var, est, opts, seed, 1, "train", "kl_mean", base))
+    cols = ["variant", "estimator", "variant_options", "seed", "step", "benchmark", "metric"]
+    return pd.DataFrame(rows, columns=[*cols, "value"]).assign(experiment="exp")
+
+
+def test_variants_are_rows_of_their_own_in_catalog_then_option_order():
+    csv, md = report.accuracy_table(variants_frame(), None)
+    assert list(dict.fromkeys(csv["variant"])) == ["sample_opd", "vopd_topk_k4", "vopd_topk_k16"]
+    k16 = csv[(csv["variant"] == "vopd_topk_k16") & (csv["metric"] == "avg@4")].iloc[0]
+    assert (k16["estimator"], k16["variant_options"]) == ("vopd_topk", "top_k=16")
+    assert k16["mean"] == pytest.approx(0.65)
+    assert "| vopd_topk_k16 | vOPD top-k (top_k=16) | 0.650 ±" in md
+    sweep, smd = report.sweep_table(variants_frame(), None, "top_k")
+    assert set(sweep["top_k"].dropna()) == {"4", "16"}
+    assert "| estimator | top_k = 4 | top_k = 16 |" in smd
+    assert "| vOPD top-k | 0.550 ±" in smd
+    assert "sample OPD (sets no top_k)" in smd
+    training, _ = report.training_table(variants_frame(), window=1)
+    assert set(training["variant"]) == {"sample_opd", "vopd_topk_k4", "vopd_topk_k16"}
+
+
+def test_older_files_without_variant_columns_read_as_one_variant_per_estimator():
+    runs = report.with_variants(runs_frame())
+    assert (runs["variant"] == runs["estimator"]).all() and set(runs["variant_options"]) == {""}
 
 
 def test_training_table_final_window_max_and_mean():
     csv, _ = report.training_table(runs_frame(), window=2)
-    kl = csv[(csv["estimator"] == "vopd") & (csv["metric"] == "kl_mean")].iloc[0]
+    kl = csv[(csv["variant"] == "vopd") & (csv["metric"] == "kl_mean")].iloc[0]
     # last 2 steps: seed 0 (20, 30) -> 25, seed 1 (21, 31) -> 26
     assert kl["mean"] == pytest.approx(25.5) and kl["statistic"] == "final"
     gmax = csv[(csv["metric"] == "grad_norm") & (csv["statistic"] == "max")]
-    assert gmax.set_index("estimator")["mean"].to_dict() == pytest.approx(
+    assert gmax.set_index("variant")["mean"].to_dict() == pytest.approx(
         {"sample_opd": 1.5, "vopd": 1.5}
     )
 
@@ -208,10 +245,11 @@ def results(tmp_path):
 
 def test_cli_writes_tables_figures_and_report(results):
     out = main(["--results-dir", str(results), "--smooth", "2"])
-    for name in report.TABLES:
+    for name in set(report.TABLES) - {"sweep"}:  # sweep: only with --sweep
         assert (results / "tables" / f"{name}.csv").stat().st_size > 0
         assert (results / "tables" / f"{name}.md").read_text().startswith(f"# {name}")
-    for name in report.FIGURES:
+    assert not (results / "tables" / "sweep.md").exists()
+    for name in set(report.FIGURES) - {"sweep"}:
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
     text = (results / "report.md").read_text()
@@ -240,3 +278,24 @@ def test_cli_bad_input(results, tmp_path):
     (results / "profile.parquet").unlink()
     with pytest.raises(SystemExit, match=r"profile\.parquet is missing"):
         main(["--results-dir", str(results), "--what", "tables", "--only", "cost"])
+
+
+def test_cli_ablation_sweep_and_the_main_report_section(tmp_path):
+    abl = tmp_path / "exp_ablation_topk"
+    abl.mkdir()
+    variants_frame().to_parquet(abl / "runs.parquet")
+    desc = "Top-k as k grows."
+    main(["--results-dir", str(abl), "--sweep", "top_k", "--description", desc])
+    for ext in ("png", "pdf"):
+        assert (abl / "figures" / f"sweep.{ext}").stat().st_size > 1000
+    assert "top_k = 16" in (abl / "tables" / "sweep.md").read_text()
+    assert "> Top-k as k grows." in (abl / "report.md").read_text()
+    main_dir = tmp_path / "exp"
+    main_dir.mkdir()
+    runs_frame().to_parquet(main_dir / "runs.parquet")
+    missing = tmp_path / "exp_ablation_clip"  # declared, not built: named, never required
+    main(["--results-dir", str(main_dir), "--what", "summary", "--ablations", f"{abl},{missing}"])
+    text = (main_dir / "report.md").read_text()
+    assert "### Ablation `topk`" in text and "Top-k as k grows." in text
+    assert "](../exp_ablation_topk/figures/sweep.png)" in text
+    assert "`clip` (`snakemake --cores all ablation_clip`)" in text

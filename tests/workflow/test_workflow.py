@@ -23,8 +23,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from vopd.experiments import toy_vocab_size
+
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = ".test/config/config.yaml"
+V = toy_vocab_size()  # the toy vocabulary, computed from its tokenizer
 # The smoke budget (<= 300 s on an idle 2-core machine) is measured and printed, not asserted:
 # wall clock on a shared machine is noise, and timed assertions make flaky tests. Set
 # VOPD_SMOKE_BUDGET_S to turn the budget into a hard check on a machine you control.
@@ -96,17 +99,27 @@ def test_docs_results_are_not_ignored_but_results_are():
     assert ignored("results/toy/report.md")
 
 
-def test_schema_names_every_registered_estimator():
-    from vopd.estimators import ESTIMATOR_OPTIONS, ESTIMATORS
+def test_schema_lists_no_estimator_and_takes_the_name_pattern_of_the_catalog():
+    """Which estimators and options exist is the catalog's (checked while the config is
+    parsed); the schema only holds the name pattern, the same as the catalog's."""
+    from vopd import catalog
 
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    assert schema["$defs"]["estimator_name"]["enum"] == list(ESTIMATORS)
-    props = schema["properties"]["estimators"]["properties"]
-    assert list(props) == list(ESTIMATORS)
-    for name, ref in props.items():
-        options = schema["$defs"][ref["$ref"].split("/")[-1]]["properties"]
-        # every option the estimator reads is accepted, and no option it ignores
-        assert set(options) - {"overrides"} == ESTIMATOR_OPTIONS[name], name
+    assert schema["$defs"]["name"]["pattern"] == catalog.NAME_PATTERN
+
+    def enums(node):
+        if isinstance(node, dict):
+            yield from ([node["enum"]] if "enum" in node else [])
+            for value in node.values():
+                yield from enums(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from enums(value)
+
+    assert not [e for e in enums(schema) if set(e) & set(catalog.names())]
+    for path in [*(REPO / "workflow").rglob("*.smk"), REPO / "workflow/Snakefile"]:
+        code = path.read_text()
+        assert not [n for n in catalog.names() if f'"{n}"' in code], path
 
 
 # ---- dry runs ---------------------------------------------------------------------------------
@@ -165,11 +178,62 @@ def bad_config(tmp_path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["estimators"].update(vopd_fast={}), "'vopd_fast' was unexpected"),
+        (
+            lambda c: c["estimators"].update(vopd_fast={}),
+            "estimators.vopd_fast: unknown estimator 'vopd_fast'",
+        ),
+        (
+            lambda c: c["estimators"].update(v={"estimator": "vopd_fats"}),
+            "estimators.v: unknown estimator 'vopd_fats'",
+        ),
         (lambda c: c["train"].update(stepz=3), "'stepz' was unexpected"),
         (lambda c: c.update(seeds="0,1"), "'0,1' is not of type 'array'"),
-        (lambda c: c["estimators"].update(vopd={"top_k": 4}), "'top_k' was unexpected"),
-        (lambda c: c["estimators"].update(vopd_topk={"top_k": 0}), "0 is less than the minimum"),
+        (
+            lambda c: c["estimators"].update(vopd={"top_k": 4}),
+            "estimators.vopd: option top_k=4 has no effect with estimator 'vopd'",
+        ),
+        (
+            lambda c: c["estimators"].update(vopd_topk={"top_k": 0}),
+            "estimators.vopd_topk: top_k=0: expected an integer",
+        ),
+        (
+            lambda c: c["estimators"].update(vopd_topk={"top_k": V}),
+            f"config key 'estimators.vopd_topk.top_k' = {V}: expected an integer in [1, {V - 1}]",
+        ),
+        (
+            lambda c: c["ablations"]["topk"]["estimators"].update(
+                k64={"estimator": "topk_opd", "top_k": 64}
+            ),
+            "config key 'ablations.topk.estimators.k64.top_k' = 64",
+        ),
+        (
+            lambda c: c["estimators"].update(v={"estimator": "vopd", "overrides": {"lrr": 1}}),
+            "config key 'estimators.v.overrides.lrr' = 1: expected a key of the trainer config",
+        ),
+        (
+            lambda c: c["train"].update(overrides={"lr": "fast"}),
+            "config key 'train.overrides.lr': lr='fast': expected float",
+        ),
+        (
+            lambda c: c["estimators"].update(
+                v={"estimator": "vopd", "overrides": {"lr": float("nan")}}
+            ),
+            "config key 'estimators.v.overrides.lr' = nan: expected a finite number",
+        ),
+        (
+            lambda c: c["ablations"]["lr"]["estimators"].update(
+                v={"estimator": "vopd", "overrides": {"max_grad_norm": float("inf")}}
+            ),
+            "config key 'ablations.lr.estimators.v.overrides.max_grad_norm' = inf",
+        ),
+        (
+            lambda c: c["train"].update(overrides={"max_steps": 3}),
+            "config key 'train.overrides.max_steps' = 3: expected no override",
+        ),
+        (
+            lambda c: c["estimators"].update(v={"estimator": "vopd", "overrides": {"top_k": 8}}),
+            "estimators.v.overrides.top_k: estimator options go next to estimator:",
+        ),
         (lambda c: c["eval"].update(steps=[71]), "config key 'eval.steps' = 71"),
         (lambda c: c["eval"]["benchmarks"].update(math500={}), "'eval.benchmarks.math500'"),
         (
@@ -185,19 +249,36 @@ def bad_config(tmp_path, edit) -> Path:
                 sampling={"temperature": float("inf")}
             ),
             "config key 'eval.benchmarks.toy_test.sampling.temperature' = inf",
+            lambda c: c["ablations"]["clip"].update(variance={"runs": ["nope"]}),
+            "config key 'ablations.clip.variance.runs' = 'nope'",
+        ),
+        (
+            lambda c: c["ablations"]["clip"].update(eval={"benchmarks": {"math500": {}}}),
+            "config key 'ablations.clip.eval.benchmarks.math500'",
         ),
     ],
     ids=[
         "estimator",
+        "variant-estimator",
         "key",
         "type",
         "option",
         "range",
+        "top_k=V",
+        "ablation-top_k",
+        "override-key",
+        "override-type",
+        "override-nan",
+        "ablation-override-inf",
+        "override-workflow-key",
+        "option-in-overrides",
         "step",
         "toy-benchmark",
         "backend",
         "nan",
         "inf",
+        "ablation-variance-run",
+        "ablation-benchmark",
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
@@ -272,9 +353,90 @@ def test_paths_with_spaces_and_quotes_reach_the_commands_as_one_word(tmp_path):
 
 
 def test_train_overrides_may_be_left_out(tmp_path):
-    """The schema default of train.overrides applies (issue 14: KeyError 'overrides')."""
-    config = bad_config(tmp_path, lambda c: c["train"].pop("overrides"))
-    assert "train" in planned_jobs("--configfile", str(config))
+    """The schema default of train.overrides applies (no KeyError)."""
+    path = bad_config(tmp_path, lambda c: c["train"].pop("overrides"))
+    assert "train" in planned_jobs("--configfile", str(path))
+
+
+# ---- variants and ablations --------------------------------------------------------------------
+
+
+def planned_outputs(*args) -> list[str]:
+    """Every output file of a dry run (as if nothing had been built yet)."""
+    out = snakemake(*args, "-n", "--forceall").stdout.splitlines()
+    files = []
+    for line in out:
+        if line.strip().startswith("output:"):
+            files += [f.strip() for f in line.split(":", 1)[1].split(",")]
+    return files
+
+
+def test_a_run_with_the_same_resolved_config_is_reused_not_retrained():
+    out = snakemake("ablation_clip", "-n", "-p", "--forceall").stdout
+    # the clip ablation's vopd is the main vopd (same config and seed): copied
+    assert "copy-run results/toy/vopd/seed1 results/toy_ablation_clip/vopd/seed1" in out
+    assert "--out results/toy_ablation_clip/vopd/seed1 " not in out  # not trained again
+    assert "--out results/toy_ablation_clip/vopd_noclip/seed1 " in out
+
+
+def test_two_variants_of_one_estimator_are_two_run_directories(tmp_path):
+    def edit(c):
+        c["estimators"] = {
+            "vopd_topk_k4": {"estimator": "vopd_topk", "top_k": 4},
+            "vopd_topk_k16": {"estimator": "vopd_topk", "top_k": 16},
+            "sample_opd": {},
+        }
+        c["variance"]["runs"] = ["sample_opd"]
+
+    out = snakemake("-n", "-p", "--configfile", str(bad_config(tmp_path, edit))).stdout
+    for k in (4, 16):
+        run = f"results/toy/vopd_topk_k{k}/seed0"
+        assert f"{run}/done.json" in out
+        assert f"--out {run} estimator=vopd_topk" in out and f"top_k={k}" in out
+    assert '"vopd_topk_k16": {"estimator": "vopd_topk", "top_k": 16}' in out  # probed as such
+
+
+ABLATIONS = yaml.safe_load((REPO / "config/config.yaml").read_text())["ablations"]
+SHARED = ("resources/toy/",)  # the toy world and SFT models every experiment reuses
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_target_plans_only_its_own_jobs(name):
+    """Its runs, evaluations, tables, figures and report; the shared toy world and SFT models;
+    and the main comparison's runs that it reuses (same resolved trainer config and seed:
+    trained once, copied by reuse_run), nothing else."""
+    decl = ABLATIONS[name]
+    files = planned_outputs(f"ablation_{name}")
+    own = f"results/toy_ablation_{name}/"
+    reused = {f for f in files if f.startswith("results/toy/") and f.endswith("/done.json")}
+    for f in reused:  # only main runs of the same estimator definition, trained once
+        variant = f.split("/")[2]
+        assert variant in yaml.safe_load((REPO / "config/config.yaml").read_text())["estimators"]
+    allowed = (own, *SHARED)
+    assert files and all(f.startswith(allowed) or f in reused for f in files), [
+        f for f in files if not f.startswith(allowed) and f not in reused
+    ]
+    runs = {f.split("/")[2] for f in files if f.startswith(own) and f.endswith("/done.json")}
+    assert runs == set(decl["estimators"])
+    seeds = {f.split("/")[3] for f in files if f.startswith(own) and f.endswith("/done.json")}
+    assert len(seeds) >= 3
+    assert f"{own}report.md" in files and f"{own}tables/accuracy.md" in files
+    assert f"{own}figures/accuracy.png" in files
+    if "sweep" in decl:
+        assert f"{own}tables/sweep.md" in files and f"{own}figures/sweep.png" in files
+    assert not any("/profile/" in f for f in files)  # ablations never profile
+
+
+def test_ablations_target_builds_every_ablation_and_the_default_none():
+    jobs = planned_outputs("ablations")
+    assert {f.split("/")[1] for f in jobs if f.startswith("results/")} == {
+        "toy",  # the reused main runs (training only)
+        *(f"toy_ablation_{n}" for n in ABLATIONS),
+    }
+    main_files = [f for f in jobs if f.startswith("results/toy/")]
+    assert main_files and all(f.endswith("/done.json") for f in main_files)
+    default = planned_outputs()
+    assert not any("_ablation_" in f for f in default)
 
 
 # ---- the smoke run ----------------------------------------------------------------------------
@@ -295,19 +457,28 @@ def test_smoke_run_produces_the_results_contract(smoke):
     runs = pd.read_parquet(exp / "runs.parquet")
     assert list(runs.columns) == [
         "experiment",
+        "variant",
         "estimator",
         "seed",
         "step",
         "benchmark",
         "metric",
         "value",
+        "variant_options",
     ]
     cfg = yaml.safe_load((root / SMOKE).read_text())
-    assert set(runs["estimator"]) == set(cfg["estimators"])
+    assert set(runs["variant"]) == set(cfg["estimators"])
+    # a second variant of one estimator, with its own option, ran end to end
+    k8 = runs[runs["variant"] == "topk_opd_k8"]
+    assert set(k8["estimator"]) == {"topk_opd"} and set(k8["variant_options"]) == {"top_k=8"}
+    assert "top_k: 8" in (exp / "topk_opd_k8" / "seed0" / "config.yaml").read_text()
     assert {"train", "toy_test"} <= set(runs["benchmark"])
     var = pd.read_parquet(exp / "variance.parquet")
     assert {"total_variance", "adam_proxy"} <= set(var["probe"])
-    assert list(var.columns[:6]) == ["experiment", "estimator", "seed", "step", "probe", "value"]
+    assert list(var.columns[:7]) == [
+        "experiment", "variant", "estimator", "seed", "step", "probe", "value"
+    ]  # fmt: skip
+    assert "topk_opd_k8" in set(var["variant"])  # probed as a variant
     prof = pd.read_parquet(exp / "profile.parquet")
     assert list(prof.columns[:7]) == [
         "estimator",
@@ -326,6 +497,25 @@ def test_smoke_run_produces_the_results_contract(smoke):
     if SMOKE_BUDGET_S is not None:
         budget = float(SMOKE_BUDGET_S)
         assert seconds <= budget, f"smoke run took {seconds:.0f} s > {budget:.0f} s"
+
+
+def test_smoke_ablation_target_builds_its_report_and_joins_the_main_one(smoke):
+    """`ablation_clip` of the smoke config builds only that ablation (the toy world and models
+    are reused); the next default run adds its section to the main report.md."""
+    root, _ = smoke
+    env = env_for(root)
+    dry = snakemake("ablation_clip", "-n", "--configfile", SMOKE, cwd=root, env=env).stdout
+    assert "toy_sft" not in dry and "results/smoke/" not in dry
+    snakemake("ablation_clip", "--cores", "all", "--configfile", SMOKE, cwd=root, env=env)
+    abl = root / "results" / "smoke_ablation_clip"
+    runs = pd.read_parquet(abl / "runs.parquet")
+    assert set(runs["variant"]) == {"vopd", "vopd_noclip"}
+    noclip = runs[runs["variant"] == "vopd_noclip"]
+    assert set(noclip["variant_options"]) == {"max_grad_norm=1000000000.0"}
+    assert "max_grad_norm: 1000000000.0" in (abl / "vopd_noclip/seed0/config.yaml").read_text()
+    assert (abl / "report.md").is_file() and (abl / "figures" / "accuracy.png").is_file()
+    snakemake("--cores", "all", "--configfile", SMOKE, cwd=root, env=env)
+    assert "### Ablation `clip`" in (root / "results" / "smoke" / "report.md").read_text()
 
 
 def test_snakemake_report_has_a_caption_per_figure(smoke):

@@ -2,35 +2,54 @@
 # wants rules and functions in separate files). Every rule parameter that is more than a
 # wildcard comes from a named function here; rules hold no lambdas.
 
+import json
 import math
 import os
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(workflow.current_basedir.get_path_or_uri(secret_free=True))
+)
+
 # ---- validation -----------------------------------------------------------------------------
-# JSON schema first (unknown keys, wrong types, unknown estimators; schema defaults are filled
-# in), then the cross-field checks a schema cannot express. Both run while the Snakefile is
-# parsed, i.e. before any job starts.
+# JSON schema first (unknown keys, wrong types, name patterns; schema defaults are filled in),
+# then vopd.experiments (torch-free): the variants through the estimator catalog (unknown
+# estimator, an option it does not read, an option out of range), the cross-field checks a
+# schema cannot express, and every run's resolved trainer config built as
+# vopd.config.TrainConfig. All of it runs while the Snakefile is parsed, before any job starts.
+
+sys.path.insert(0, REPO_ROOT)  # this checkout's vopd package, whatever is installed
+from vopd import experiments  # noqa: E402 (torch-free: the catalog and the trainer's config)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-TOY_BENCHMARKS = ("toy_test", "toy_hard")  # what `python -m vopd.toy world` writes
-TABLES = ("accuracy", "training", "variance", "cost")
+TOY_BENCHMARKS = experiments.TOY_BENCHMARKS
+TABLES = ("accuracy", "training", "variance", "cost", "sweep")
 AGGREGATES = ("runs", "references", "variance", "profile")
+TOY = config["toy"]["dir"]
 
 
-def config_error(key, value, expected):
-    """Stop before any job runs, naming the config key, its value and what was expected."""
-    raise ValueError(f"config key {key!r} = {value!r}: expected {expected}")
+def student_model():
+    if config["scale"] == "toy":
+        return f"{TOY}/models/student"
+    return config["models"]["student"]
+
+
+def teacher_model():
+    if config["scale"] == "toy":
+        return f"{TOY}/models/teacher"
+    return config["models"]["teacher"]
 
 
 def check_finite(value, key):
     """NaN and inf pass every schema range check (a comparison with NaN is False): reject them
     anywhere in the config (e.g. eval.sampling.temperature: .nan)."""
     if isinstance(value, float) and not math.isfinite(value):
-        config_error(key, value, "a finite number")
+        raise ValueError(f"config key {key!r} = {value!r}: expected a finite number")
     if isinstance(value, dict):
         for k, v in value.items():
             check_finite(v, f"{key}.{k}" if key else str(k))
@@ -39,67 +58,48 @@ def check_finite(value, key):
             check_finite(v, f"{key}[{i}]")
 
 
-def check_config(cfg):
-    check_finite(cfg, "")
-    train, ev = cfg["train"], cfg["eval"]
-    steps = train["steps"]
-
-    def check_steps(key, values):
-        for s in values:
-            if s > steps or (s % train["save_every"] != 0 and s != steps):
-                config_error(
-                    key,
-                    s,
-                    f"a checkpoint step: 0, a multiple of train.save_every="
-                    f"{train['save_every']}, or train.steps={steps}",
-                )
-
-    if cfg["scale"] == "hub" and "models" not in cfg:
-        config_error("models", None, "a mapping with student and teacher when scale is hub")
-    if cfg["scale"] == "toy":
-        for name in ev["benchmarks"]:
-            if name not in TOY_BENCHMARKS:
-                config_error(f"eval.benchmarks.{name}", name, f"one of {TOY_BENCHMARKS}")
-    elif train["prompts"] is None:
-        config_error("train.prompts", None, "a prompt set name (e.g. dapo14k) when scale is hub")
-    check_steps("eval.steps", ev["steps"])
-    for name, bench in ev["benchmarks"].items():
-        if "backend" in bench.get("sampling", {}):
-            config_error(
-                f"eval.benchmarks.{name}.sampling.backend",
-                bench["sampling"]["backend"],
-                "no per-benchmark backend: one generate job samples every benchmark with one "
-                "model load, so set eval.sampling.backend",
-            )
-    if cfg["variance"]["activate"]:
-        for key in ("runs", "steps", "k"):
-            if key not in cfg["variance"]:
-                config_error(f"variance.{key}", None, "a value when variance.activate is true")
-        check_steps("variance.steps", cfg["variance"]["steps"])
-        for name in cfg["variance"]["runs"]:
-            if name not in cfg["estimators"]:
-                config_error(
-                    "variance.runs", name, f"one of the estimators {list(cfg['estimators'])}"
-                )
-    ref = cfg["report"]["reference_estimator"]
-    if ref not in cfg["estimators"]:
-        config_error("report.reference_estimator", ref, f"one of {list(cfg['estimators'])}")
+check_finite(config, "")
 
 
-check_config(config)
+def prompts_file():
+    if config["scale"] == "toy":
+        return f"{TOY}/prompts/train.parquet"
+    return f"resources/benchmarks/{config['train']['prompts']}.parquet"
+
+
+def run_paths():
+    """The student, teacher and prompts paths the train rule passes (none where the config
+    lacks them: vopd.experiments.resolve then names the missing key)."""
+    if config["scale"] == "hub" and "models" not in config:
+        return {}
+    return {"student": student_model(), "teacher": teacher_model(), "prompts": prompts_file()}
+
+
+try:
+    EXPERIMENTS = experiments.resolve(
+        config,
+        vocab_size=experiments.toy_vocab_size() if config["scale"] == "toy" else None,
+        **run_paths(),
+    )
+except ValueError as err:
+    raise WorkflowError(f"invalid config: {err}") from None
 
 EXPERIMENT = config["experiment"]
-ESTIMATORS = list(config["estimators"])
-SEEDS = list(config["seeds"])
-BENCHMARKS = list(config["eval"]["benchmarks"])
-EVAL_STEPS = sorted(config["eval"]["steps"])
-REFERENCES = list(config["eval"]["references"])
-VARIANCE = config["variance"]
+MAIN = EXPERIMENTS[EXPERIMENT]
+ABLATIONS = {e.ablation: e for e in EXPERIMENTS.values() if e.ablation is not None}
+VARIANTS = experiments.all_variant_names(EXPERIMENTS)
+BENCHMARKS = MAIN.benchmarks  # every experiment evaluates the same set (settings may differ)
 PROFILE = config["profile"]
 PROFILE_MODES = list(PROFILE.get("modes", {"loss": {}}))  # `snakemake profile` works when off
 PROFILE.setdefault("modes", {"loss": {"args": {}}})
 PROFILE.setdefault("args", {})
-TOY = config["toy"]["dir"]
+
+
+def exp_of(wildcards):
+    """The Experiment of a job's {experiment} wildcard."""
+    return EXPERIMENTS[wildcards.experiment]
+
+
 # ---- threads -------------------------------------------------------------------------------
 # Measured on 2 idle cores (torch 2.13 CPU wheel): a toy OPD run of 60 steps took 27.1 s with 1
 # thread and 35.6 s with 2, and two 1-thread runs side by side took 26.8 s for both (twice the
@@ -151,12 +151,9 @@ def cli_flags(mapping):
 
 
 def key_values(mapping):
-    """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax)."""
-    parts = []
-    for key, value in sorted(mapping.items()):
-        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
-        parts.append(shlex.quote(f"{key}={text}"))
-    return " ".join(parts)
+    """{'lr': 1e-5, 'top_k': None} -> 'lr=1e-05 top_k=null' (the trainer's override syntax;
+    vopd.experiments.override_items, the text the config check validated)."""
+    return " ".join(shlex.quote(item) for item in experiments.override_items(mapping))
 
 
 # ---- toy world ------------------------------------------------------------------------------
@@ -185,29 +182,11 @@ def toy_models_dir(wildcards, output):
 # ---- models, prompts, benchmarks ------------------------------------------------------------
 
 
-def student_model():
-    if config["scale"] == "toy":
-        return f"{TOY}/models/student"
-    return config["models"]["student"]
-
-
-def teacher_model():
-    if config["scale"] == "toy":
-        return f"{TOY}/models/teacher"
-    return config["models"]["teacher"]
-
-
 def model_inputs(wildcards):
     """At scale toy the models are built by toy_sft; hub models are not files of this workflow."""
     if config["scale"] == "toy":
         return {"models": f"{TOY}/models/sft_summary.json"}
     return {}
-
-
-def prompts_file():
-    if config["scale"] == "toy":
-        return f"{TOY}/prompts/train.parquet"
-    return f"resources/benchmarks/{config['train']['prompts']}.parquet"
 
 
 def benchmark_path(name):
@@ -234,16 +213,6 @@ def prepare_flags(wildcards):
 
 
 # ---- training -------------------------------------------------------------------------------
-# Names of the trainer's config keys that the workflow sets (python -m vopd.train key=value).
-TRAIN_KEYS = {
-    "estimator": "estimator",
-    "seed": "seed",
-    "student": "student",
-    "teacher": "teacher",
-    "prompts": "prompts",
-    "steps": "max_steps",
-    "save_every": "save_every",
-}
 
 
 def train_inputs(wildcards):
@@ -270,22 +239,27 @@ def run_dir_of_input(wildcards, input):
     return os.path.dirname(input.done)
 
 
+NOT_REUSED = "results/.not-reused"  # never built: the reuse_run rule does not apply
+
+
+def reused_run_done(wildcards):
+    """done.json of the earlier run with the same resolved trainer config, if any (else a file
+    no rule makes, so Snakemake falls back to the train rule)."""
+    source = exp_of(wildcards).reused.get((wildcards.variant, int(wildcards.seed)))
+    return f"{source}/done.json" if source else NOT_REUSED
+
+
 def train_overrides(wildcards):
-    """key=value overrides of one run: global < estimator overrides < estimator options < the
-    workflow's own keys (estimator, seed, models, prompts, steps)."""
-    train = config["train"]
-    options = dict(config["estimators"][wildcards.estimator])
-    merged = {**train.get("overrides", {}), **options.pop("overrides", {}), **options}
-    merged.update(
-        {
-            TRAIN_KEYS["estimator"]: wildcards.estimator,
-            TRAIN_KEYS["seed"]: int(wildcards.seed),
-            TRAIN_KEYS["student"]: student_model(),
-            TRAIN_KEYS["teacher"]: teacher_model(),
-            TRAIN_KEYS["prompts"]: prompts_file(),
-            TRAIN_KEYS["steps"]: train["steps"],
-            TRAIN_KEYS["save_every"]: train["save_every"],
-        }
+    """key=value overrides of one run (vopd.experiments.run_overrides: train.overrides < the
+    variant's overrides < its estimator and options < the workflow's own keys), the same text
+    that was validated as a TrainConfig when the config was parsed."""
+    merged = experiments.run_overrides(
+        exp_of(wildcards),
+        wildcards.variant,
+        int(wildcards.seed),
+        student=student_model(),
+        teacher=teacher_model(),
+        prompts=prompts_file(),
     )
     return key_values(merged)
 
@@ -293,10 +267,10 @@ def train_overrides(wildcards):
 # ---- evaluation -----------------------------------------------------------------------------
 
 
-def sampling(benchmark):
-    """Eval sampling settings: the eval.sampling defaults, then the benchmark's own."""
-    merged = {"seed": 0, **config["eval"]["sampling"]}
-    merged.update(config["eval"]["benchmarks"][benchmark].get("sampling", {}))
+def sampling(exp, benchmark):
+    """Eval sampling settings of one experiment: eval.sampling, then the benchmark's own."""
+    merged = {"seed": 0, **exp.eval["sampling"]}
+    merged.update((exp.eval["benchmarks"][benchmark] or {}).get("sampling", {}))
     return merged
 
 
@@ -305,10 +279,10 @@ def benchmark_files(wildcards):
     return [benchmark_path(b) for b in BENCHMARKS]
 
 
-def eval_sampling_flags(seed_offset):
+def eval_sampling_flags(exp, seed_offset):
     """Flags of one generate job over every benchmark: a setting all benchmarks share is a
     plain flag, one that differs is `--set NAME.KEY=VALUE` for the benchmarks that have it."""
-    own = {b: sampling(b) for b in BENCHMARKS}
+    own = {b: sampling(exp, b) for b in BENCHMARKS}
     for settings in own.values():
         settings["seed"] += seed_offset
     first, *rest = own.values()
@@ -319,17 +293,17 @@ def eval_sampling_flags(seed_offset):
         for k, v in sorted(settings.items())
         if k not in shared
     ]
-    flags = cli_flags({**config["eval"]["args"], **shared})
+    flags = cli_flags({**exp.eval["args"], **shared})
     return " ".join([flags, *(f"--set {shlex.quote(item)}" for item in overrides)]).strip()
 
 
 def run_sampling_flags(wildcards):
     """Each training seed samples its evaluation with its own (deterministic) seed."""
-    return eval_sampling_flags(int(wildcards.seed))
+    return eval_sampling_flags(exp_of(wildcards), int(wildcards.seed))
 
 
 def reference_sampling_flags(wildcards):
-    return eval_sampling_flags(0)
+    return eval_sampling_flags(exp_of(wildcards), 0)
 
 
 def checkpoint_flags(wildcards, input):
@@ -353,8 +327,18 @@ def grade_dir(wildcards, output):
 
 
 def variance_flags(wildcards):
-    flags = {"k": VARIANCE["k"], "estimators": VARIANCE.get("estimators", ESTIMATORS)}
-    return cli_flags({**flags, **VARIANCE.get("args", {})})
+    """--k, the probed variants as --variants JSON (estimator and options of each), extras."""
+    exp = exp_of(wildcards)
+    flags = cli_flags({"k": exp.variance["k"], **exp.variance.get("args", {})})
+    variants = json.dumps(exp.probe_variants(), sort_keys=True)
+    return f"{flags} --variants {shlex.quote(variants)}"
+
+
+def profile_estimators():
+    """The estimators to profile: profile.estimators, or those of the main variants (a cost
+    does not depend on the variant, except top_k, which the profiler sets)."""
+    names = PROFILE.get("estimators") or [v.estimator for v in MAIN.variants.values()]
+    return list(dict.fromkeys(names))
 
 
 def profile_flags(wildcards):
@@ -364,12 +348,14 @@ def profile_flags(wildcards):
         "vocab": sweep.get("vocab"),
         "seq_len": sweep.get("seq_len"),
         "batch": sweep.get("batch"),
-        "estimators": PROFILE.get("estimators", ESTIMATORS),
+        "estimators": profile_estimators(),
     }
     return cli_flags({**flags, **PROFILE["args"], **sweep["args"]})
 
 
 def profile_files(experiment):
+    if experiment != EXPERIMENT:
+        return []  # ablations never profile
     return expand(
         "results/{experiment}/profile/{mode}.parquet",
         experiment=experiment,
@@ -380,81 +366,91 @@ def profile_files(experiment):
 # ---- file lists -----------------------------------------------------------------------------
 
 
-def run_path(name, **wildcards):
-    """A file of every configured run: run_path('done.json') -> results/EXP/EST/seedS/done.json."""
+def run_path(name, experiment=EXPERIMENT, **wildcards):
+    """A file of every run of an experiment: run_path('done.json') ->
+    results/EXP/VARIANT/seedS/done.json."""
+    exp = EXPERIMENTS[experiment]
     return expand(
-        f"results/{{experiment}}/{{estimator}}/seed{{seed}}/{name}",
-        experiment=EXPERIMENT,
-        estimator=ESTIMATORS,
-        seed=SEEDS,
+        f"results/{{experiment}}/{{variant}}/seed{{seed}}/{name}",
+        experiment=experiment,
+        variant=list(exp.variants),
+        seed=exp.seeds,
         **wildcards,
     )
 
 
-def eval_summaries():
+def eval_summaries(experiment=EXPERIMENT):
+    exp = EXPERIMENTS[experiment]
     return run_path(
-        "eval/{benchmark}/step{step}/summary.json", benchmark=BENCHMARKS, step=EVAL_STEPS
+        "eval/{benchmark}/step{step}/summary.json",
+        experiment,
+        benchmark=exp.benchmarks,
+        step=exp.eval_steps,
     )
 
 
-def reference_summaries():
+def reference_summaries(experiment=EXPERIMENT):
     return expand(
         "results/{experiment}/reference/{model}/eval/{benchmark}/summary.json",
-        experiment=EXPERIMENT,
-        model=REFERENCES,
+        experiment=experiment,
+        model=EXPERIMENTS[experiment].eval["references"],
         benchmark=BENCHMARKS,
     )
 
 
-def variance_probes():
-    if not VARIANCE["activate"]:
+def variance_probes(experiment=EXPERIMENT):
+    exp = EXPERIMENTS[experiment]
+    if not exp.variance["activate"]:
         return []
     return expand(
-        "results/{experiment}/{estimator}/seed{seed}/variance/step{step}.parquet",
-        experiment=EXPERIMENT,
-        estimator=VARIANCE["runs"],
-        seed=SEEDS,
-        step=VARIANCE["steps"],
+        "results/{experiment}/{variant}/seed{seed}/variance/step{step}.parquet",
+        experiment=experiment,
+        variant=exp.variance["runs"],
+        seed=exp.seeds,
+        step=exp.variance["steps"],
     )
 
 
 def aggregate_inputs(wildcards):
     """What each aggregate table is built from (the run's done.json marks it complete)."""
+    exp = wildcards.experiment
     if wildcards.kind == "runs":
-        return run_path("done.json") + eval_summaries()
+        return run_path("done.json", exp) + eval_summaries(exp)
     if wildcards.kind == "references":
-        return reference_summaries()
+        return reference_summaries(exp)
     if wildcards.kind == "variance":
-        return run_path("done.json") + variance_probes()
-    return profile_files(wildcards.experiment)
+        return run_path("done.json", exp) + variance_probes(exp)
+    return profile_files(exp)
 
 
 def results_dir(wildcards):
-    return f"results/{wildcards.experiment}"
+    return shlex.quote(f"results/{wildcards.experiment}")
 
 
 def aggregate_filters(wildcards):
-    """Restrict aggregation to the configured runs (stale run dirs of older configs are ignored)."""
-    flags = {"estimators": ",".join(ESTIMATORS), "seeds": ",".join(map(str, SEEDS))}
+    """Restrict aggregation to the configured runs (stale run dirs of older configs are
+    ignored); --variants names each variant's estimator and options (the Parquet columns)."""
+    exp = exp_of(wildcards)
+    flags = {"seeds": ",".join(map(str, exp.seeds))}
     if wildcards.kind in ("runs", "references"):
-        flags["benchmarks"] = ",".join(BENCHMARKS)
+        flags["benchmarks"] = ",".join(exp.benchmarks)
     if wildcards.kind == "runs":
-        flags["eval_steps"] = ",".join(map(str, EVAL_STEPS))
+        flags["eval_steps"] = ",".join(map(str, exp.eval_steps))
     if wildcards.kind == "variance":
-        probed = VARIANCE["runs"] if VARIANCE["activate"] else []
-        flags["variance_runs"] = ",".join(probed)  # "" = no run was probed
-        if VARIANCE["activate"]:
-            flags["variance_steps"] = ",".join(map(str, VARIANCE["steps"]))
+        flags["variance_runs"] = ",".join(exp.variance_runs())  # "" = no run was probed
+        if exp.variance["activate"]:
+            flags["variance_steps"] = ",".join(map(str, exp.variance["steps"]))
     if wildcards.kind == "references":
-        flags = {"benchmarks": flags["benchmarks"]}
+        return cli_flags({"benchmarks": flags["benchmarks"]})
     if wildcards.kind == "profile":
-        flags = {}
-    return cli_flags(flags)
+        return ""
+    variants = json.dumps(exp.variant_table(), sort_keys=True)
+    return f"{cli_flags(flags)} --variants {shlex.quote(variants)}"
 
 
 def table_inputs(wildcards):
     base = f"results/{wildcards.experiment}"
-    if wildcards.table == "accuracy":
+    if wildcards.table in ("accuracy", "sweep"):
         return table_inputs_accuracy(wildcards)
     if wildcards.table == "training":
         return [f"{base}/runs.parquet"]
@@ -465,31 +461,52 @@ def table_inputs(wildcards):
 
 def table_inputs_accuracy(wildcards):
     base = f"results/{wildcards.experiment}"
-    return [f"{base}/runs.parquet"] + ([f"{base}/references.parquet"] if REFERENCES else [])
+    refs = exp_of(wildcards).eval["references"]
+    return [f"{base}/runs.parquet"] + ([f"{base}/references.parquet"] if refs else [])
 
 
 def report_flags(wildcards):
-    rep = config["report"]
-    return cli_flags(
-        {
-            "metric": rep["metric"],
-            "smooth": rep["smooth"],
-            "reference_estimator": rep["reference_estimator"],
-        }
-    )
+    exp = exp_of(wildcards)
+    rep = exp.report
+    flags = {
+        "metric": rep["metric"],
+        "smooth": rep["smooth"],
+        "reference_estimator": rep["reference_estimator"],
+        "sweep": exp.sweep,
+    }
+    return cli_flags(flags)
 
 
-def active_tables():
+def summary_flags(wildcards):
+    """report_flags, the ablation's description, and (main experiment) every declared
+    ablation's results folder: report.md gets a section for each one built so far."""
+    exp = exp_of(wildcards)
+    flags = report_flags(wildcards)
+    if exp.description:
+        flags += f" --description {shlex.quote(exp.description)}"
+    if exp.ablation is None and ABLATIONS:
+        folders = ",".join(f"results/{a.name}" for a in ABLATIONS.values())
+        flags += f" --ablations {shlex.quote(folders)}"
+    return flags
+
+
+def active_tables(experiment=EXPERIMENT):
+    exp = EXPERIMENTS[experiment]
     tables = ["accuracy", "training", "variance"]
-    if PROFILE["activate"]:
+    if exp.profile["activate"]:
         tables.append("cost")
+    if exp.sweep is not None:
+        tables.append("sweep")
     return tables
 
 
-def active_figures():
+def active_figures(experiment=EXPERIMENT):
+    exp = EXPERIMENTS[experiment]
     figures = ["accuracy", "training_curves", "variance_ratio"]
-    if PROFILE["activate"]:
+    if exp.profile["activate"]:
         figures.append("cost")
+    if exp.sweep is not None:
+        figures.append("sweep")
     return figures
 
 
@@ -497,7 +514,7 @@ def table_files(experiment=EXPERIMENT):
     return expand(
         "results/{experiment}/tables/{table}.{ext}",
         experiment=experiment,
-        table=active_tables(),
+        table=active_tables(experiment),
         ext=("md", "csv"),
     )
 
@@ -506,10 +523,29 @@ def figure_files(experiment=EXPERIMENT):
     return expand(
         "results/{experiment}/figures/{figure}.{ext}",
         experiment=experiment,
-        figure=active_figures(),
+        figure=active_figures(experiment),
         ext=("png", "pdf"),
     )
 
 
+def built_ablation_reports():
+    """report.md of every declared ablation that exists already: the main report embeds them
+    (and is rebuilt by the next run after an ablation is built), never requires them."""
+    return [
+        f"results/{a.name}/report.md"
+        for a in ABLATIONS.values()
+        if os.path.exists(f"results/{a.name}/report.md")
+    ]
+
+
 def summary_inputs(wildcards):
-    return table_files(wildcards.experiment) + figure_files(wildcards.experiment)
+    files = table_files(wildcards.experiment) + figure_files(wildcards.experiment)
+    if wildcards.experiment == EXPERIMENT:
+        files += built_ablation_reports()
+    return files
+
+
+def ablation_targets(name):
+    """What `snakemake ablation_NAME` builds: the ablation's report.md (and so its runs,
+    evaluations, tables and figures)."""
+    return [f"results/{ABLATIONS[name].name}/report.md"]

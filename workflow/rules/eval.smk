@@ -6,17 +6,17 @@ rule generate:
     """Samples of one run's checkpoint at one step on every benchmark: the model loads once
     (one process start, one vLLM engine start) per checkpoint."""
     input:
-        done="results/{experiment}/{estimator}/seed{seed}/done.json",
+        done="results/{experiment}/{variant}/seed{seed}/done.json",
         benchmarks=benchmark_files,
     output:
         samples=expand(
-            "results/{{experiment}}/{{estimator}}/seed{{seed}}/eval/{benchmark}/step{{step}}/samples.parquet",
+            "results/{{experiment}}/{{variant}}/seed{{seed}}/eval/{benchmark}/step{{step}}/samples.parquet",
             benchmark=BENCHMARKS,
         ),
     log:
-        "results/{experiment}/{estimator}/seed{seed}/logs/generate_step{step}.log",
+        "results/{experiment}/{variant}/seed{seed}/logs/generate_step{step}.log",
     benchmark:
-        "results/{experiment}/{estimator}/seed{seed}/benchmark/generate_step{step}.tsv"
+        "results/{experiment}/{variant}/seed{seed}/benchmark/generate_step{step}.tsv"
     conda:
         TORCH_ENV
     threads: TOY_MODEL_THREADS
@@ -33,15 +33,15 @@ rule generate:
 rule grade:
     """Per-sample grades and the summary (avg@n, pass@k, maj@n, CIs) of one evaluation."""
     input:
-        samples="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/samples.parquet",
+        samples="results/{experiment}/{variant}/seed{seed}/eval/{benchmark}/step{step}/samples.parquet",
         benchmark=benchmark_file,
     output:
-        grades="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/grades.parquet",
-        summary="results/{experiment}/{estimator}/seed{seed}/eval/{benchmark}/step{step}/summary.json",
+        grades="results/{experiment}/{variant}/seed{seed}/eval/{benchmark}/step{step}/grades.parquet",
+        summary="results/{experiment}/{variant}/seed{seed}/eval/{benchmark}/step{step}/summary.json",
     log:
-        "results/{experiment}/{estimator}/seed{seed}/logs/grade_{benchmark}_step{step}.log",
+        "results/{experiment}/{variant}/seed{seed}/logs/grade_{benchmark}_step{step}.log",
     benchmark:
-        "results/{experiment}/{estimator}/seed{seed}/benchmark/grade_{benchmark}_step{step}.tsv"
+        "results/{experiment}/{variant}/seed{seed}/benchmark/grade_{benchmark}_step{step}.tsv"
     conda:
         "../envs/vopd-cpu.yaml"
     params:

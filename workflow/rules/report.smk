@@ -145,8 +145,34 @@ rule figure_cost:
         " --only cost {params.flags} > {log:q} 2>&1"
 
 
+rule figure_sweep:
+    """An ablation's accuracy against the option or override it sweeps (its `sweep:`)."""
+    input:
+        table_inputs_accuracy,
+    output:
+        png=report(
+            "results/{experiment}/figures/sweep.png",
+            caption="../report/sweep.rst",
+            category="Figures",
+        ),
+        pdf="results/{experiment}/figures/sweep.pdf",
+    log:
+        "results/{experiment}/logs/figure_sweep.log",
+    benchmark:
+        "results/{experiment}/benchmark/figure_sweep.tsv"
+    conda:
+        "../envs/vopd-cpu.yaml"
+    params:
+        results_dir=results_dir,
+        flags=report_flags,
+    shell:
+        "python -m vopd.report --results-dir {params.results_dir} --what figures"
+        " --only sweep {params.flags} > {log} 2>&1"
+
+
 rule summary:
-    """results/EXP/report.md: the tables, the figures and what they say about the paper's claims."""
+    """results/EXP/report.md: the tables, the figures and what they say about the paper's claims
+    (the main report also embeds every ablation built so far)."""
     input:
         summary_inputs,
     output:
@@ -159,7 +185,7 @@ rule summary:
         "../envs/vopd-cpu.yaml"
     params:
         results_dir=results_dir,
-        flags=report_flags,
+        flags=summary_flags,
     shell:
         "python -m vopd.report --results-dir {params.results_dir:q} --what summary"
         " {params.flags} > {log:q} 2>&1"

@@ -4,15 +4,15 @@
 
 
 rule variance_probe:
-    """Variance probes of the configured estimators at one checkpoint of one run."""
+    """Variance probes of the configured variants at one checkpoint of one run (--variants JSON)."""
     input:
-        done="results/{experiment}/{estimator}/seed{seed}/done.json",
+        done="results/{experiment}/{variant}/seed{seed}/done.json",
     output:
-        probes="results/{experiment}/{estimator}/seed{seed}/variance/step{step}.parquet",
+        probes="results/{experiment}/{variant}/seed{seed}/variance/step{step}.parquet",
     log:
-        "results/{experiment}/{estimator}/seed{seed}/logs/variance_step{step}.log",
+        "results/{experiment}/{variant}/seed{seed}/logs/variance_step{step}.log",
     benchmark:
-        "results/{experiment}/{estimator}/seed{seed}/benchmark/variance_step{step}.tsv"
+        "results/{experiment}/{variant}/seed{seed}/benchmark/variance_step{step}.tsv"
     conda:
         TORCH_ENV
     threads: TOY_MODEL_THREADS
