@@ -249,6 +249,8 @@ def bad_config(tmp_path, edit) -> Path:
                 sampling={"temperature": float("inf")}
             ),
             "config key 'eval.benchmarks.toy_test.sampling.temperature' = inf",
+        ),
+        (
             lambda c: c["ablations"]["clip"].update(variance={"runs": ["nope"]}),
             "config key 'ablations.clip.variance.runs' = 'nope'",
         ),
