@@ -17,6 +17,7 @@ import yaml
 
 from vopd import experiments
 from vopd.config import load_config
+from vopd.experiments import __main__ as experiments_cli
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = {"student": "s", "teacher": "t", "prompts": "p.parquet"}
@@ -131,7 +132,8 @@ def bad(edit):
             lambda c: c["ablations"]["clip"]["estimators"].update(
                 x={"estimator": "vopd", "overrides": {"lr": math.nan}}
             ),
-            "'ablations.clip.estimators.x.overrides.lr' = nan: expected a finite number",
+            "'ablations.clip.estimators.x.overrides.lr': lr='nan': expected a value in (-inf, inf), "
+            "a finite number",
         ),
         (
             lambda c: c["ablations"]["clip"].update(train={"overrides": {"seed": 3}}),
@@ -214,11 +216,11 @@ def test_copy_run_copies_training_artefacts_and_writes_done_last(tmp_path):
         (src / name).write_text(name)
     (src / "eval" / "toy_test").mkdir(parents=True)  # the source experiment's: not copied
     dst = tmp_path / "b" / "vopd" / "seed0"
-    experiments.main(["copy-run", str(src), str(dst)])
+    experiments_cli.main(["copy-run", str(src), str(dst)])
     assert (dst / "checkpoints" / "step2" / "model.safetensors").read_bytes() == b"w"
     assert (dst / "config.yaml").read_text() == "config.yaml" and (dst / "done.json").is_file()
     assert not (dst / "eval").exists()
     assert str(src) in (dst / "reused_from.json").read_text()
     (src / "done.json").unlink()
     with pytest.raises(SystemExit, match="not a complete run"):
-        experiments.main(["copy-run", str(src), str(tmp_path / "c")])
+        experiments_cli.main(["copy-run", str(src), str(tmp_path / "c")])

@@ -41,13 +41,11 @@ the copy with the experiment's own settings.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -485,23 +483,3 @@ def copy_run(src: str | Path, dst: str | Path) -> Path:
     shutil.copy2(src / "done.json", dst / "done.json.tmp")
     (dst / "done.json.tmp").replace(dst / "done.json")
     return dst
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vopd.experiments", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("copy-run", help="copy a run with the same resolved config (copy_run)")
-    c.add_argument("src", help="the complete run directory that trained it")
-    c.add_argument("dst", help="the run directory of the reusing experiment")
-    args = parser.parse_args(argv)
-    try:
-        out = copy_run(args.src, args.dst)
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}") from None
-    print(json.dumps({"source": args.src, "run_dir": str(out)}), file=sys.stdout)
-
-
-if __name__ == "__main__":
-    main()
