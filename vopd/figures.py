@@ -143,7 +143,7 @@ def training_curves(results_dir: Path, args):
     colors = variant_colors(order, info)
     metrics = [m for m in CURVE_METRICS if m in set(tr["metric"])] or sorted(set(tr["metric"]))[:4]
     if not metrics:
-        raise SystemExit("runs.parquet has no training rows (benchmark 'train')")
+        raise ValueError("runs.parquet has no training rows (benchmark 'train')")
     ncols = 2 if len(metrics) > 1 else 1
     nrows = int(np.ceil(len(metrics) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -251,7 +251,7 @@ def cost(results_dir: Path, args):
 def sweep(results_dir: Path, args):
     key = getattr(args, "sweep", None)
     if not key:
-        raise SystemExit("--only sweep needs --sweep KEY (the option the variants sweep)")
+        raise ValueError("--only sweep needs --sweep KEY (the option the variants sweep)")
     runs = load(results_dir, "runs")
     info = variant_info(runs)
     wide, metrics, steps = per_seed_accuracy(runs, args.metric)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from vopd import data
+from vopd.data import __main__ as data_cli
 from vopd.eval import grade as grade_cli
 from vopd.eval.grade import gold_samples, grade, math_verify_self_check
 
@@ -239,7 +240,7 @@ def test_gated_benchmark_without_token_fails_before_any_download(monkeypatch, tm
 
 def test_cli_prepare_and_errors(tmp_path, capsys):
     out = tmp_path / "amc23.parquet"
-    data.main(
+    data_cli.main(
         [
             "prepare",
             "--benchmark",
@@ -255,17 +256,17 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
     assert len(data.load_benchmark(str(out))) == 3
     # an already-normalised Parquet passes through unchanged
     again = tmp_path / "again.parquet"
-    data.main(["prepare", "--benchmark", "amc23", "--path", str(out), "--out", str(again)])
+    data_cli.main(["prepare", "--benchmark", "amc23", "--path", str(out), "--out", str(again)])
     assert data.load_benchmark(str(again)).equals(data.load_benchmark(str(out)))
     with pytest.raises(SystemExit, match="unknown benchmark"):
-        data.main(["prepare", "--benchmark", "mmlu", "--path", str(out), "--out", str(again)])
+        data_cli.main(["prepare", "--benchmark", "mmlu", "--path", str(out), "--out", str(again)])
     with pytest.raises(SystemExit, match="KEY=COLUMN"):
-        data.main(["prepare", "--benchmark", "amc23", "--field", "oops", "--out", str(again)])
+        data_cli.main(["prepare", "--benchmark", "amc23", "--field", "oops", "--out", str(again)])
 
 
 def test_gold_check_cli(tmp_path, capsys):
     bench = tmp_path / "minerva.parquet"
-    data.main(
+    data_cli.main(
         [
             "prepare",
             "--benchmark",
@@ -330,8 +331,9 @@ def test_a_normalised_file_of_another_benchmark_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"of kind \['mcq'\], but 'amc23' is math"):
         data.prepare("amc23", path=str(chem))
     with pytest.raises(SystemExit, match="SciKnowEval layout"):
-        data.main(["prepare", "--benchmark", "gpqa", "--path", str(FIXTURES / "chemistry.jsonl"),
-                   "--out", str(tmp_path / "g.parquet")])  # fmt: skip
+        chem = str(FIXTURES / "chemistry.jsonl")
+        data_cli.main(["prepare", "--benchmark", "gpqa", "--path", chem,
+                       "--out", str(tmp_path / "g.parquet")])  # fmt: skip
     assert not (tmp_path / "g.parquet").exists()
 
 
@@ -350,7 +352,7 @@ def test_path_takes_several_files_or_a_directory(tmp_path, capsys):
         assert [{k: v for k, v in r.items() if k != "source"} for r in rows] == strip
     out = tmp_path / "chem.parquet"
     files = [str(folder / "a.jsonl"), str(folder / "sub" / "b.jsonl")]
-    data.main(["prepare", "--benchmark", "chemistry", "--path", *files, "--out", str(out)])
+    data_cli.main(["prepare", "--benchmark", "chemistry", "--path", *files, "--out", str(out)])
     assert len(data.load_benchmark(str(out))) == len(whole)
     (folder / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no benchmark file"):
@@ -381,5 +383,5 @@ def test_an_unwritable_out_is_a_clear_error(tmp_path):
     blocker.write_text("")
     out = blocker / "amc23.parquet"
     with pytest.raises(SystemExit, match=rf"error: cannot write {out}"):
-        data.main(["prepare", "--benchmark", "amc23", "--path", str(FIXTURES / "amc23.jsonl"),
+        data_cli.main(["prepare", "--benchmark", "amc23", "--path", str(FIXTURES / "amc23.jsonl"),
                    "--out", str(out)])  # fmt: skip

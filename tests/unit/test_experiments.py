@@ -132,8 +132,8 @@ def bad(edit):
             lambda c: c["ablations"]["clip"]["estimators"].update(
                 x={"estimator": "vopd", "overrides": {"lr": math.nan}}
             ),
-            "'ablations.clip.estimators.x.overrides.lr': lr='nan': expected a value in (-inf, inf), "
-            "a finite number",
+            "'ablations.clip.estimators.x.overrides.lr': lr='nan': expected a value in "
+            "(-inf, inf), a finite number",
         ),
         (
             lambda c: c["ablations"]["clip"].update(train={"overrides": {"seed": 3}}),

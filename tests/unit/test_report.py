@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from vopd import report
-from vopd.report import bootstrap_ci, exact_bootstrap, main, seed_stats
+from vopd.report import bootstrap_ci, exact_bootstrap, seed_stats
+from vopd.report.__main__ import main
 
 
 def args(**kw):
@@ -68,7 +69,7 @@ def test_seed_stats_by_hand():
 def test_headline_metric_takes_the_real_n():
     assert report.headline_metric(["avg@8", "pass@1", "pass@8", "maj@8"], "pass") == "pass@8"
     assert report.headline_metric(["avg@4", "avg@4_ci95_lo"], "avg") == "avg@4"
-    with pytest.raises(SystemExit, match="no maj@n metric"):
+    with pytest.raises(ValueError, match="no maj@n metric"):
         report.headline_metric(["avg@4"], "maj")
 
 

@@ -34,9 +34,7 @@ level q is the smallest resampled mean whose cumulative probability reaches q.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import re
 from collections import Counter
@@ -226,7 +224,7 @@ def headline_metric(metrics, family: str) -> str:
         m for m in set(metrics) if m.startswith(f"{family}@") and m[len(family) + 1 :].isdigit()
     ]
     if not found:
-        raise SystemExit(f"no {family}@n metric among {sorted(set(metrics))}")
+        raise ValueError(f"no {family}@n metric among {sorted(set(metrics))}")
     return max(found, key=lambda m: int(m.split("@")[1]))
 
 
@@ -236,7 +234,7 @@ def per_seed_accuracy(runs: pd.DataFrame, family: str):
     runs = with_variants(runs)
     ev = runs[runs["benchmark"] != "train"]
     if ev.empty:
-        raise SystemExit("runs.parquet has no evaluation rows (only benchmark 'train')")
+        raise ValueError("runs.parquet has no evaluation rows (only benchmark 'train')")
     parts, metrics, steps = [], {}, {}
     for bench in sorted(ev["benchmark"].unique()):
         rows = ev[ev["benchmark"] == bench]
@@ -394,7 +392,7 @@ def training_table(runs, window: int = 5):
     info = variant_info(runs)
     tr = runs[runs["benchmark"] == "train"]
     if tr.empty:
-        raise SystemExit("runs.parquet has no training rows (benchmark 'train')")
+        raise ValueError("runs.parquet has no training rows (benchmark 'train')")
     metrics = [m for m in TRAINING_METRICS if m in set(tr["metric"])]
     specs = [(m, "final") for m in metrics if m != "step_s"]
     if "grad_norm" in metrics:
@@ -465,7 +463,7 @@ def adam_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
 def variance_table(var, reference_estimator="sample_opd"):
     var = with_variants(var)
     if var.empty:
-        raise SystemExit("variance.parquet is empty: no probes and no adam_* training metrics")
+        raise ValueError("variance.parquet is empty: no probes and no adam_* training metrics")
     info = variant_info(var)
     ratios = probe_ratios(var, reference_estimator)
     adam = adam_ratios(var, reference_estimator)
@@ -609,7 +607,7 @@ def load(results_dir: Path, name: str, required: bool = True):
     path = results_dir / f"{name}.parquet"
     if not path.is_file():
         if required:
-            raise SystemExit(f"{path} is missing: run python -m vopd.aggregate first")
+            raise ValueError(f"{path} is missing: run python -m vopd.aggregate first")
         return None
     df = pd.read_parquet(path)
     return with_variants(df) if name in ("runs", "variance") else df
@@ -629,7 +627,7 @@ def build_table(results_dir: Path, name: str, args) -> tuple[pd.DataFrame, str]:
         return accuracy_table(load(results_dir, "runs"), refs, args.metric, ref)
     if name == "sweep":
         if not getattr(args, "sweep", None):
-            raise SystemExit("--only sweep needs --sweep KEY (the option the variants sweep)")
+            raise ValueError("--only sweep needs --sweep KEY (the option the variants sweep)")
         refs = load(results_dir, "references", required=False)
         return sweep_table(load(results_dir, "runs"), refs, args.sweep, args.metric)
     if name == "training":
@@ -807,84 +805,3 @@ def write_summary(results_dir: Path, args) -> None:
         for folder in built:
             out += ablation_section(results_dir, folder)
     write_text(results_dir / "report.md", "\n".join(out))
-
-
-# ---- CLI ------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m vopd.report", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--results-dir", required=True, type=Path, help="results/{experiment}")
-    parser.add_argument("--what", default="all", choices=("tables", "figures", "summary", "all"))
-    parser.add_argument("--only", help=f"comma-separated names: tables {TABLES}, figures {FIGURES}")
-    parser.add_argument(
-        "--metric",
-        default="avg",
-        choices=("avg", "pass", "maj"),
-        help="headline accuracy metric family (avg@n, pass@n, maj@n)",
-    )
-    parser.add_argument("--smooth", type=int, default=5, help="final window / rolling mean (steps)")
-    parser.add_argument(
-        "--reference-estimator",
-        default="sample_opd",
-        help="ratios and paired differences are relative to this variant",
-    )
-    parser.add_argument("--sweep", help="the option or override an ablation sweeps (tables/sweep)")
-    parser.add_argument("--description", help="what the experiment asks (report.md)")
-    parser.add_argument(
-        "--ablations", help="comma-separated results folders of declared ablations (report.md)"
-    )
-    args = parser.parse_args(argv)
-    if args.smooth < 1:
-        raise SystemExit(f"--smooth {args.smooth}: expected >= 1")
-    results_dir = args.results_dir
-    if not results_dir.is_dir():
-        raise SystemExit(f"--results-dir {results_dir} does not exist")
-    only = set(args.only.split(",")) if args.only else None
-    if only is not None and not only <= set(TABLES) | set(FIGURES):
-        raise SystemExit(f"--only {args.only}: expected names from {TABLES} or {FIGURES}")
-    needs = {
-        "accuracy": "runs",
-        "training": "runs",
-        "training_curves": "runs",
-        "variance": "variance",
-        "variance_ratio": "variance",
-        "cost": "profile",
-        "sweep": "runs",
-    }
-
-    def selected(names):
-        if only is not None:
-            return [n for n in names if n in only]
-        # --what all without --only: whatever the aggregated files (and --sweep) allow.
-        return [
-            n
-            for n in names
-            if (results_dir / f"{needs[n]}.parquet").is_file() and (n != "sweep" or args.sweep)
-        ]
-
-    written = []
-    if args.what in ("tables", "all"):
-        for name in selected(TABLES):
-            df, md = build_table(results_dir, name, args)
-            write_table(results_dir, name, df, md)
-            print(md)
-            written.append(f"tables/{name}")
-    if args.what in ("figures", "all"):
-        from vopd import figures  # matplotlib only where figures are drawn
-
-        for name in selected(FIGURES):
-            figures.draw(results_dir, name, args)
-            written.append(f"figures/{name}")
-    if args.what in ("summary", "all"):
-        write_summary(results_dir, args)
-        written.append("report.md")
-    result = {"results_dir": str(results_dir), "written": written}
-    print(json.dumps(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()
