@@ -1,4 +1,4 @@
-"""Wall time of the default toy reproduction at two git revisions, side by side (issue 18).
+"""Wall time of the default toy reproduction at two git revisions, side by side.
 
     python benchmarks/toy_wall_time.py                       # a8db047 vs HEAD, default config
     python benchmarks/toy_wall_time.py --configfile .test/config/config.yaml   # the smoke run

@@ -1,4 +1,4 @@
-"""Aggregate an experiment's run directories into the tidy results tables of design.md.
+"""Aggregate an experiment's run directories into the tidy results tables of docs/estimators.md.
 
     python -m vopd.aggregate --results-dir results/toy --experiment toy [--what all]
         [--variants '{"vopd": {"estimator": "vopd", "options": {}}, ...}' --seeds 0,1,2

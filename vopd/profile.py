@@ -33,7 +33,7 @@ process held once the inputs (and models) existed: what the step itself costs. T
 warm-up step, the best of ``--repeats`` timings, each the mean of enough back-to-back steps to
 last >= 50 ms (tiny variants are otherwise timer noise). Prints a table and one final JSON line;
 ``--out`` writes Parquet with ``estimator, vocab_size, seq_len, batch, step_s, peak_mem_bytes,
-device`` (design.md results contract) and the extras above.
+device`` (the results contract (README)) and the extras above.
 """
 
 from __future__ import annotations

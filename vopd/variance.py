@@ -3,7 +3,7 @@
     python -m vopd.variance --run-dir results/toy/vopd/seed0 --step 100 \
         --out results/toy/vopd/seed0/variance/step100.parquet [--k 8 --estimators all --prompts 64]
 
-Two probes, both on rollouts of the checkpoint's student (claim C4 of paper-notes §4):
+Two probes, both on rollouts of the checkpoint's student (claim C4 of docs/method.md §3):
 
 1. **Parameter space, Monte Carlo.** K independent rollout batches of the SAME M prompts; for each
    batch and estimator the flattened gradient g of the estimator's loss w.r.t. the trainable
@@ -26,7 +26,7 @@ Deviations and choices: gradients are those of the trainer's loss (token-mean no
 default, so 1/N weights the positions); the exact probe uses ``sample_opd``'s plain reward
 (no clipping, detached); the exact probe is in logit space, where b* is optimal (in parameter
 space it is not, the Jacobian weights the positions differently). Writes rows ``experiment,
-estimator, seed, step, probe, value`` (design.md results contract); prints a table and one JSON
+estimator, seed, step, probe, value`` (the results contract (README)); prints a table and one JSON
 line.
 """
 

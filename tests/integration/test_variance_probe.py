@@ -45,7 +45,7 @@ def test_variance_cli_writes_the_results_contract(run_dir, capsys):
     out = run_dir / "variance" / "step2.parquet"
     main(["--run-dir", str(run_dir), "--step", "2", "--out", str(out), "--k", "3"])
     df = pd.read_parquet(out)
-    # design.md results contract: variance.parquet carries the variant and its estimator
+    # the results contract (README): variance.parquet carries the variant and its estimator
     assert list(df.columns) == COLUMNS
     assert COLUMNS == ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
     assert set(df.experiment) == {"exp"} and set(df.seed) == {3} and set(df.step) == {2}

@@ -24,7 +24,7 @@ def make(**kw) -> TrainConfig:
 
 def test_defaults_are_the_official_settings():
     cfg = make()
-    # holi-lab/vOPD configs/training/default.yaml + TRL v1.2.0 (reference-semantics.md §3)
+    # holi-lab/vOPD configs/training/default.yaml + TRL v1.2.0 (docs/method.md §2)
     assert (cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.weight_decay) == (1e-5, "cosine", 0, 0)
     assert (cfg.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == (
         "adamw",
@@ -244,7 +244,7 @@ FLOAT_KEYS = [
 @pytest.mark.parametrize("value", [".nan", "inf", "-.inf", "1e999"])
 @pytest.mark.parametrize("key", FLOAT_KEYS)
 def test_nan_and_inf_are_rejected_for_every_float_key(key, value):
-    """Range checks are False for NaN, so NaN used to pass (issue 14: lr=.nan poisoned the run
+    """Range checks are False for NaN, so NaN used to pass (a regression: lr=.nan poisoned the run
     directory, lr=inf died at step 2 in the sampler)."""
     with pytest.raises(
         ValueError, match=rf"^{key}=.*: expected a value in \(-inf, inf\), a finite number"

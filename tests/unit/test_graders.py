@@ -270,7 +270,7 @@ def test_gold_completion_mcq_and_bad_kind():
         gold_completion("code", "x")
 
 
-# The phrasings of issue 14 (real GPQA-Diamond / SciKnowEval completions read as "no answer"),
+# The phrasings found on real GPQA-Diamond / SciKnowEval completions (read as "no answer" before),
 # numeric options shorter than 4 characters, and what must stay "no answer".
 NUMERIC = ["1.4", "2.8", "0.7", "-0.7"]
 PHRASINGS = [

@@ -90,7 +90,7 @@ def test_lint_is_clean():
 
 def test_docs_results_are_not_ignored_but_results_are():
     """The README's figure lives in docs/results/; an unanchored `results/` ignore rule hid it
-    (issue 14: the main figure was a broken image)."""
+    (a regression: the main figure was a broken image)."""
 
     def ignored(path):
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
@@ -311,7 +311,7 @@ def hub_config(tmp_path, edit) -> Path:
 )
 @pytest.mark.parametrize("kind", ["shell", "traversal"])
 def test_names_with_shell_syntax_or_paths_fail_at_parse_time(tmp_path, edit, kind):
-    """Names that become paths, wildcards or flags are validated by the schema (issue 14: a
+    """Names that become paths, wildcards or flags are validated by the schema (a regression: a
     `train.prompts` of ``x`touch /tmp/pwned` `` reached the prepare_benchmark shell command, and
     ``../../../../../tmp/x`` wrote its log outside the repository)."""
     marker = tmp_path / "pwned"

@@ -75,7 +75,7 @@ REGISTRY = {s.name: s for s in [
                   aliases=("aime_2024", "aime2024")),
     BenchmarkSpec("aime25", "math", "MathArena/aime_2025", "train",
                   aliases=("aime_2025", "aime2025")),
-    # the official source (reference-semantics §3); its upstream Idavidrein/gpqa is gated
+    # the official source (docs/method.md §2); its upstream Idavidrein/gpqa is gated
     BenchmarkSpec("gpqa_diamond", "mcq", "fingertap/GPQA-Diamond", "test",
                   aliases=("gpqa_d", "gpqa"), gated=True),
     BenchmarkSpec("chemistry", "mcq", "hicai-zju/SciKnowEval", "test", config="Chemistry",

@@ -22,7 +22,7 @@ Reads ``runs.parquet``, ``references.parquet``, ``variance.parquet`` and ``profi
   sweeps an option or override), ``tables/sweep`` has the headline accuracy per estimator at each
   value of KEY.
 - ``figures/*.{png,pdf}`` (see :mod:`vopd.figures`) and ``report.md``, which embeds the tables
-  and figures and states what they say about the paper's claims C4, C6-C9 (paper-notes §4);
+  and figures and states what they say about the paper's claims C4, C6-C9 (docs/method.md §3);
   with ``--ablations DIR,...`` (the main experiment), a section for each ablation built so far
   (its description, headline table and figure, and a link to its own report).
 
@@ -647,7 +647,7 @@ def write_table(results_dir: Path, name: str, df: pd.DataFrame, md: str) -> None
 
 
 def claims(results_dir: Path, args) -> list[str]:
-    """One line per checkable paper claim (paper-notes §4), with the numbers behind it."""
+    """One line per checkable paper claim (docs/method.md §3), with the numbers behind it."""
     ref, lines = args.reference_estimator, []
     runs = load(results_dir, "runs", required=False)
     if runs is not None and (runs["benchmark"] != "train").any():
