@@ -36,7 +36,7 @@ SMOKE_BUDGET_S = os.environ.get("VOPD_SMOKE_BUDGET_S")
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(*args, cwd=REPO, timeout=600, check=True, env=None):
+def snakemake(*args, cwd=REPO, timeout=1800, check=True, env=None):  # a hang guard, not a target
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
         cwd=cwd,
