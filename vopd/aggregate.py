@@ -13,20 +13,26 @@ and overrides as ``key=value, ...``, sorted; empty for a bare estimator). They c
 ``--variants`` (the workflow gives them); without it from each run's resolved ``config.yaml``
 (the estimator, and those of its options that differ from the catalog defaults).
 
-- ``runs.parquet``: ``experiment, variant, estimator, seed, step, benchmark, metric, value,
-  variant_options``, one row per number. Training curves come from each run's
-  ``metrics.jsonl`` (benchmark ``train``, metric = the JSONL key); evaluations from
+Every file has exactly the columns and dtypes of ``vopd.results.SCHEMAS`` (the results
+contract, docs/metrics.md §0), checked before it is written:
+
+- ``runs.parquet``: ``experiment, variant, estimator, seed, step, source, benchmark, n, metric,
+  value, variant_options``, one row per number. Training curves (``source = train``, no
+  benchmark, ``n = 0``) come from each run's ``metrics.jsonl`` (metric = the namespaced key,
+  e.g. ``estimator/kl_mean``; a file with un-namespaced keys is an error); evaluations
+  (``source = eval``, ``n`` = samples per problem) from
   ``eval/{benchmark}/step{step}/summary.json`` (every numeric field, e.g. ``avg@8``,
   ``pass@8``, ``maj@8``, and each CI bound as ``{metric}_ci95_lo/_hi``).
 - ``variance.parquet``: ``experiment, variant, estimator, seed, step, probe, value`` plus
   ``run_variant`` and ``run_estimator`` (whose checkpoint was probed), ``source`` and
   ``variant_options``: the probes of ``variance/step{step}.parquet`` (``source = probe``;
-  ``variant`` / ``estimator`` are the probed ones) and the Adam-moment proxy logged every
-  training step (``source = train``; keys ``adam_*`` of ``metrics.jsonl``; ``variant =
-  run_variant``).
+  ``variant`` / ``estimator`` are the probed ones; the file is validated on read) and the
+  Adam-moment proxy logged every training step (``source = train``; keys
+  ``estimator/adam_*`` of ``metrics.jsonl``, probe = the key without its namespace;
+  ``variant = run_variant``).
 - ``profile.parquet``: ``estimator, vocab_size, seq_len, batch, step_s, peak_mem_bytes, device``
   (+ whatever else ``python -m vopd.profile`` wrote), from ``profile/*.parquet``.
-- ``references.parquet``: ``experiment, model, benchmark, metric, value, variant, estimator``
+- ``references.parquet``: ``experiment, model, benchmark, n, metric, value, variant, estimator``
   of the not-distilled models evaluated under ``reference/{model}/eval/{benchmark}/summary.json``
   (``variant = reference:{model}``, ``estimator = none``: no estimator was used).
 
@@ -49,29 +55,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from vopd import catalog
+from vopd import catalog, results
 from vopd.experiments import describe_options
 from vopd.io import read_jsonl, write_parquet
 
-RUNS_COLUMNS = [
-    "experiment", "variant", "estimator", "seed", "step", "benchmark", "metric", "value",
-    "variant_options",
-]  # fmt: skip
-VARIANCE_COLUMNS = ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
-PROFILE_COLUMNS = [
-    "estimator",
-    "vocab_size",
-    "seq_len",
-    "batch",
-    "step_s",
-    "peak_mem_bytes",
-    "device",
-]
-REFERENCE_COLUMNS = ["experiment", "model", "benchmark", "metric", "value", "variant", "estimator"]
-KINDS = ("runs", "references", "variance", "profile")
+KINDS = results.AGGREGATES
 SEED_DIR = re.compile(r"^seed(\d+)$")
 STEP_NAME = re.compile(r"^step(\d+)$")
-NOT_RUNS = {"reference", "profile", "tables", "figures", "logs", "benchmark"}
+NOT_RUNS = results.NOT_RUNS
 
 
 def _is_number(value) -> bool:
@@ -184,10 +175,9 @@ def metrics_by_step(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path} is missing: expected one JSON object per optimizer step")
     by_step = {}
-    for record in read_jsonl(path):
-        if "step" not in record:
-            raise SystemExit(f"{path}: a record has no 'step' key: {record}")
-        by_step[int(record["step"])] = record
+    for i, record in enumerate(read_jsonl(path), 1):
+        results.check_metrics_record(record, f"{path}, line {i}")
+        by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -232,7 +222,9 @@ def collect_runs(results_dir, experiment, runs, benchmarks=None, eval_steps=None
                         {
                             **base,
                             "step": int(record["step"]),
-                            "benchmark": "train",
+                            "source": "train",
+                            "benchmark": "",
+                            "n": 0,
                             "metric": key,
                             "value": float(value),
                         }
@@ -257,18 +249,21 @@ def collect_runs(results_dir, experiment, runs, benchmarks=None, eval_steps=None
                         _warn(f"skipping {path.parent} (no summary.json)")
                         continue
                     raise SystemExit(f"evaluation summary {path} is missing")
-                for metric, value in summary_metrics(json.loads(path.read_text())).items():
+                summary = json.loads(path.read_text())
+                for metric, value in summary_metrics(summary).items():
                     rows.append(
                         {
                             **base,
                             "step": int(step),
+                            "source": "eval",
                             "benchmark": bench,
+                            "n": summary_n(summary, path),
                             "metric": metric,
                             "value": value,
                         }
                     )
     rows = _finite_rows(rows, "runs")
-    return _frame(rows, RUNS_COLUMNS)
+    return _frame(rows, "runs")
 
 
 def collect_references(results_dir, experiment, benchmarks=None) -> pd.DataFrame:
@@ -291,19 +286,21 @@ def collect_references(results_dir, experiment, benchmarks=None) -> pd.DataFrame
             if not path.is_file():
                 _warn(f"no reference evaluation {path}")
                 continue
-            for metric, value in summary_metrics(json.loads(path.read_text())).items():
+            summary = json.loads(path.read_text())
+            for metric, value in summary_metrics(summary).items():
                 rows.append(
                     {
                         "experiment": experiment,
                         "model": model,
                         "benchmark": bench,
+                        "n": summary_n(summary, path),
                         "metric": metric,
                         "value": value,
                         "variant": f"reference:{model}",
                         "estimator": "none",
                     }
                 )
-    return _frame(_finite_rows(rows, "references"), REFERENCE_COLUMNS)
+    return _frame(_finite_rows(rows, "references"), "references")
 
 
 def collect_variance(
@@ -319,7 +316,8 @@ def collect_variance(
                 "run_estimator": est}  # fmt: skip
         for record in metrics_by_step(run_dir):
             for key, value in record.items():
-                if key.startswith("adam_") and _is_number(value):
+                probe = results.split_metric(key)[1] if key != "step" else None
+                if probe in results.ADAM_PROBES and _is_number(value):
                     rows.append(
                         {
                             **base,
@@ -327,7 +325,7 @@ def collect_variance(
                             "estimator": est,
                             "variant_options": run.options,
                             "step": int(record["step"]),
-                            "probe": key,
+                            "probe": probe,
                             "value": float(value),
                             "source": "train",
                         }
@@ -342,32 +340,16 @@ def collect_variance(
                 raise SystemExit(f"variance probe {path} is missing")
             rows.extend(_probe_rows(path, base, run, step, declared))
     rows = _finite_rows(rows, "variance")
-    columns = [*VARIANCE_COLUMNS, "run_variant", "run_estimator", "source", "variant_options"]
-    frame = _frame(rows, columns)
+    frame = _frame(rows, "variance")
     if frame.empty:
         _warn("no variance data: no run logged adam_* metrics and no probe files were found")
     return frame
 
 
 def _probe_rows(path: Path, base: dict, run: Run, step: int, declared=None) -> list[dict]:
-    """Rows of one ``python -m vopd.variance`` output: long (``probe, value`` [+ ``variant``,
-    ``estimator``]) or wide (one numeric column per probe, one row per estimator). A file
-    without a ``variant`` column (older probes) names each probed estimator its own variant."""
-    df = pd.read_parquet(path)
-    if "estimator" not in df.columns:
-        df = df.assign(estimator=run.estimator)
-    if "variant" not in df.columns:
-        df = df.assign(variant=df["estimator"])
-    if {"probe", "value"} <= set(df.columns):
-        long = df[["variant", "estimator", "probe", "value"]]
-    else:
-        skip = {"experiment", "seed", "step", "estimator", "variant", "run_estimator", "run_dir"}
-        value_cols = [
-            c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
-        ]
-        if not value_cols:
-            raise SystemExit(f"{path}: expected columns probe,value or numeric probe columns")
-        long = df.melt(id_vars=["variant", "estimator"], value_vars=value_cols, var_name="probe")
+    """Rows of one ``python -m vopd.variance`` output (``results.SCHEMAS["probe"]``: long rows
+    ``experiment, variant, estimator, seed, step, probe, value``), validated on read."""
+    long = results.read(path, "probe")
     declared = declared or {}
 
     def options(variant: str) -> str:
@@ -394,7 +376,8 @@ def collect_profile(results_dir) -> pd.DataFrame:
     if not files:
         raise SystemExit(f"no profile under {results_dir / 'profile'}: run python -m vopd.profile")
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    missing = [c for c in PROFILE_COLUMNS if c not in df.columns]
+    columns = results.PROFILE_COLUMNS
+    missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SystemExit(
             f"{files}: profile columns {missing} are missing (have {list(df.columns)})"
@@ -403,17 +386,31 @@ def collect_profile(results_dir) -> pd.DataFrame:
         df[col] = df[col].astype("int64")
     for col in ("step_s", "peak_mem_bytes"):
         df[col] = df[col].astype("float64")
-    return df[PROFILE_COLUMNS + [c for c in df.columns if c not in PROFILE_COLUMNS]]
+    df = df[columns + [c for c in df.columns if c not in columns]]
+    return results.validate(df, "profile", files[0].parent)
 
 
-def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+def summary_n(summary: dict, path: Path) -> int:
+    """The samples per problem ``n`` of an evaluation summary.json (the n of ``avg@n``)."""
+    n = summary.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SystemExit(f"{path}: expected a positive integer 'n' (samples per problem): {n!r}")
+    return n
+
+
+def _frame(rows: list[dict], kind: str) -> pd.DataFrame:
+    """The rows as a frame of ``results.SCHEMAS[kind]``, sorted by every column but value."""
+    schema = results.SCHEMAS[kind]
+    columns = schema.names
     df = pd.DataFrame(rows, columns=columns)
-    for col in ("seed", "step"):
-        if col in df.columns:
+    for col, dtype in schema.columns.items():
+        if dtype == results.INT:
             df[col] = df[col].astype("int64")
-    df["value"] = df["value"].astype("float64")
+        elif dtype == results.FLOAT:
+            df[col] = df[col].astype("float64")
     keys = [c for c in columns if c != "value"]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
+    df = df.sort_values(keys, kind="stable").reset_index(drop=True)
+    return results.validate(df, kind, f"{kind}.parquet (being written)")
 
 
 # ---- CLI ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vopd import results
 from vopd.io import read_jsonl, write_json
 
 STATE_FILE = "trainer_state.pt"
@@ -149,9 +150,13 @@ def metrics_coverage(path: str | Path) -> int:
 
 def metrics_rows(path: str | Path, step: int) -> list[dict]:
     """Rows 1..``step`` of a run's metrics.jsonl (what a resume from ``step`` keeps); a
-    ValueError naming the file if they are not exactly steps 1..step."""
+    ValueError naming the file if they are not exactly steps 1..step, or if a row is not a
+    record of the results contract (``vopd.results.check_metrics_record``: a metrics.jsonl of
+    an older release, with un-namespaced keys, is refused, not translated)."""
     rows = read_jsonl(path) if Path(path).exists() else []
     rows = rows[:step]
+    for i, row in enumerate(rows, 1):  # an old run directory: un-namespaced keys
+        results.check_metrics_record(row, f"{path}, line {i}")
     found = [r.get("step") if isinstance(r, dict) else None for r in rows]
     if found != list(range(1, step + 1)):
         raise ValueError(

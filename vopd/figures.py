@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from vopd import catalog
+from vopd import catalog, results
 from vopd.io import atomic_path
 from vopd.report import (
     REFERENCE_LABEL,
@@ -48,7 +48,8 @@ from vopd.report import (
     variant_order,
 )
 
-CURVE_METRICS = ("kl_mean", "grad_norm", "response_len", "entropy")
+# metrics.jsonl names (vopd.results); panels are titled with the key without its namespace
+CURVE_METRICS = ("estimator/kl_mean", "train/grad_norm", "train/response_len", "estimator/entropy")
 
 
 def color(estimator: str):
@@ -138,12 +139,12 @@ def accuracy(results_dir: Path, args):
 def training_curves(results_dir: Path, args):
     runs = load(results_dir, "runs")
     info = variant_info(runs)
-    tr = runs[runs["benchmark"] == "train"]
+    tr = runs[runs["source"] == "train"]
     order = variant_order(tr["variant"].unique(), info)
     colors = variant_colors(order, info)
     metrics = [m for m in CURVE_METRICS if m in set(tr["metric"])] or sorted(set(tr["metric"]))[:4]
     if not metrics:
-        raise ValueError("runs.parquet has no training rows (benchmark 'train')")
+        raise ValueError("runs.parquet has no training rows (source 'train')")
     ncols = 2 if len(metrics) > 1 else 1
     nrows = int(np.ceil(len(metrics) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -160,7 +161,7 @@ def training_curves(results_dir: Path, args):
             _band(ax, smooth.index, smooth.mean(axis=1), std, colors[est], variant_label(est, info))
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(results.split_metric(metric)[1])
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -24,10 +24,11 @@ Deviations from the official trainer (holi-lab/vOPD on TRL v1.2.0; docs/method.m
   the PG methods' scale (docs/method.md §2). ``detach_reward=False`` reproduces the released
   sample-OPD advantage.
 
-Outputs (RUN_DIR): ``config.yaml`` (resolved), ``env.json``, ``metrics.jsonl`` (one object per
-step), ``checkpoints/step{N}/`` (step0 = the initial student; the newest holds the resume state),
-``done.json`` last. Rerunning the same command resumes from the newest checkpoint and ends with
-the same numbers as an uninterrupted run (CPU, same seed).
+Outputs (RUN_DIR, the run directory of the results contract ``vopd.results``): ``config.yaml``
+(resolved), ``env.json``, ``metrics.jsonl`` (one object per step, keys ``train/``,
+``estimator/``, ``perf/``), ``checkpoints/step{N}/`` (step0 = the initial student; the newest
+holds the resume state), ``done.json`` last. Rerunning the same command resumes from the newest
+checkpoint and ends with the same numbers as an uninterrupted run (CPU, same seed).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from vopd import catalog, policy
+from vopd import catalog, policy, results
 from vopd import checkpoint as ckpt
 from vopd import distributed as dist
 from vopd.batch import make_batch
@@ -243,7 +244,7 @@ def rollout_sampling(cfg: TrainConfig, **extra) -> SamplingParams:
 
 
 def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, scheduler, prompts, V):
-    """One optimizer step; returns its metrics.jsonl row."""
+    """One optimizer step; returns its metrics.jsonl row (keys namespaced: vopd.results)."""
     device = student.device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     t0 = time.perf_counter()
@@ -269,21 +270,23 @@ def opd_step(cfg, step, student, teacher, tokenizer, backend, optimizer, schedul
     step_s = time.perf_counter() - t0
     n_tokens = int(dist.global_sum(float(batch.mask_BT.sum()), device))
     n_seqs = dist.global_sum(len(rollouts), device)
-    return {
-        "step": step,
-        **m,
-        "adv_mean": m.get("adv_mean"),  # None for the exact (non-PG) estimators
-        "adv_std": m.get("adv_std"),
-        "grad_norm": float(grad_norm),
-        "lr": lr,
-        "response_len": n_tokens / n_seqs,
-        "truncated_frac": dist.global_sum(sum(rollouts.truncated), device) / n_seqs,
-        **adam_moment_proxy(optimizer),
-        "num_tokens": n_tokens,
-        "time_rollout_s": t_rollout,
-        "step_s": step_s,
-        "tokens_per_s": n_tokens / step_s,
-    }
+    return results.namespaced(
+        step,
+        {
+            **m,
+            "adv_mean": m.get("adv_mean"),  # None for the exact (non-PG) estimators
+            "adv_std": m.get("adv_std"),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "response_len": n_tokens / n_seqs,
+            "truncated_frac": dist.global_sum(sum(rollouts.truncated), device) / n_seqs,
+            **adam_moment_proxy(optimizer),
+            "num_tokens": n_tokens,
+            "time_rollout_s": t_rollout,
+            "step_s": step_s,
+            "tokens_per_s": n_tokens / step_s,
+        },
+    )
 
 
 def _state(optimizer, scheduler, step: int, cfg: TrainConfig) -> dict:
@@ -371,7 +374,7 @@ def _train(cfg: TrainConfig, out: Path, *, progress: bool, stop_after) -> dict:
         )
         if rank.is_main:  # every rank ran the step; rank 0 alone writes
             append_jsonl(out / "metrics.jsonl", row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl_mean']:.4f}")
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", kl=f"{row['estimator/kl_mean']:.4f}")
             if step % cfg.save_every == 0 or step == total:
                 state = _state(optimizer, scheduler, step, cfg)
                 ckpt.save_checkpoint(out, step, student, tokenizer, state=state)
@@ -387,9 +390,12 @@ def _train(cfg: TrainConfig, out: Path, *, progress: bool, stop_after) -> dict:
         "estimator": cfg.estimator,
         "seed": cfg.seed,
         "checkpoints": sorted(ckpt.list_checkpoints(out)),
-        "final": {k: rows[-1][k] for k in ("loss", "kl_mean", "reward_mean", "entropy")},
+        "final": {
+            k: rows[-1][results.metric_name(k)]
+            for k in ("loss", "kl_mean", "reward_mean", "entropy")
+        },
         "time_s_this_process": time.perf_counter() - t_run,
-        "mean_step_s": float(np.mean([r["step_s"] for r in rows])),
+        "mean_step_s": float(np.mean([r["perf/step_s"] for r in rows])),
     }
     write_json(out / "done.json", done)  # last: its presence means the run finished
     dist.barrier()

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from vopd import distributed as dist
-from vopd import policy
+from vopd import policy, results
 from vopd.batch import RolloutBatch, completion_logits, make_batch
 from vopd.io import read_jsonl
 from vopd.loss import estimator_loss
@@ -186,7 +186,8 @@ def adam_proxy_at(run_dir: Path, step: int, estimator: str) -> dict[str, float]:
     """The trainer's Adam-moment proxy at ``step`` (metrics.jsonl), for the run's estimator."""
     path = run_dir / "metrics.jsonl"
     rows = read_jsonl(path) if path.is_file() else []
-    found = [r["adam_proxy"] for r in rows if r.get("step") == step and "adam_proxy" in r]
+    key = results.metric_name("adam_proxy")  # estimator/adam_proxy
+    found = [r[key] for r in rows if r.get("step") == step and key in r]
     return {estimator: float(found[-1])} if found else {}  # a resumed run: the last record wins
 
 
@@ -215,4 +216,4 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COLUMNS = ["experiment", "variant", "estimator", "seed", "step", "probe", "value"]
+COLUMNS = results.PROBE_COLUMNS  # the probe file of the results contract

@@ -32,11 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vopd import results
 from vopd.formats import MATH_PROMPT, MCQ_INSTRUCTION, normalize
 
 __all__ = ["MATH_PROMPT", "MCQ_INSTRUCTION", "REGISTRY", "load_benchmark", "normalize", "prepare"]
 
-COLUMNS = ("id", "problem", "prompt", "answer", "choices", "kind", "source")
+COLUMNS = results.BENCHMARK_COLUMNS  # the benchmark Parquet schema (vopd.results)
 RESOURCES = Path("resources")
 TOY_BENCHMARKS = ("toy_test", "toy_hard")  # written by `python -m vopd.toy world`
 
@@ -253,17 +254,7 @@ def write_benchmark(rows: list[dict], out: str | Path) -> None:
 
     from vopd.io import atomic_path
 
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("problem", pa.string()),
-            ("prompt", pa.string()),
-            ("answer", pa.string()),
-            ("choices", pa.list_(pa.string())),
-            ("kind", pa.string()),
-            ("source", pa.string()),
-        ]
-    )
+    schema = results.benchmark_arrow_schema()
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)

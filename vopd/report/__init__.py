@@ -43,14 +43,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vopd import catalog  # torch-free: display order and labels of the estimators
+# torch-free: the estimators' display order and labels; the results contract (schemas,
+# metric names, probe kinds)
+from vopd import catalog, results
 from vopd.io import write_text
 
-TABLES = ("accuracy", "training", "variance", "cost", "sweep")
+TABLES = results.TABLES
 # How the reference rows (models evaluated without OPD) are labelled in tables and figures.
 REFERENCE_LABEL = {"student": "student (before OPD)", "teacher": "teacher"}
-FIGURES = ("accuracy", "training_curves", "variance_ratio", "cost", "sweep")
-TRAINING_METRICS = ("kl_mean", "reward_mean", "entropy", "response_len", "grad_norm", "step_s")
+FIGURES = results.FIGURES
+# metrics.jsonl names (vopd.results); tables show the key without its namespace
+TRAINING_METRICS = (
+    "estimator/kl_mean",
+    "estimator/reward_mean",
+    "estimator/entropy",
+    "train/response_len",
+    "train/grad_norm",
+    "perf/step_s",
+)
 # The probes the Markdown variance table shows (variance.csv has all of them): ratios to the
 # reference estimator, then raw values (names of python -m vopd.variance).
 MD_RATIO_PROBES = ("total_variance", "exact_position_variance")
@@ -218,27 +228,27 @@ def variant_columns(name: str, info: dict) -> dict:
 # ---- accuracy -------------------------------------------------------------------------------
 
 
-def headline_metric(metrics, family: str) -> str:
-    """The metric ``{family}@n`` with the largest n among ``metrics`` (pass@k: k = n)."""
-    found = [
-        m for m in set(metrics) if m.startswith(f"{family}@") and m[len(family) + 1 :].isdigit()
-    ]
-    if not found:
-        raise ValueError(f"no {family}@n metric among {sorted(set(metrics))}")
-    return max(found, key=lambda m: int(m.split("@")[1]))
+def headline_metric(rows: pd.DataFrame, family: str) -> str:
+    """The metric ``{family}@n`` of evaluation rows, n = the largest of their ``n`` column
+    (the samples per problem; pass@k: k = n)."""
+    n = int(rows["n"].max())
+    metric = results.eval_metric(family, n)
+    if metric not in set(rows["metric"]):
+        raise ValueError(f"no {metric} metric among {sorted(set(rows['metric']))}")
+    return metric
 
 
 def per_seed_accuracy(runs: pd.DataFrame, family: str):
     """(wide, metrics, steps): wide = (variant, seed) x benchmark of the headline metric at
     each benchmark's last evaluated step, plus an ``average`` column (mean over benchmarks)."""
     runs = with_variants(runs)
-    ev = runs[runs["benchmark"] != "train"]
+    ev = runs[runs["source"] == "eval"]
     if ev.empty:
-        raise ValueError("runs.parquet has no evaluation rows (only benchmark 'train')")
+        raise ValueError("runs.parquet has no evaluation rows (source 'eval')")
     parts, metrics, steps = [], {}, {}
     for bench in sorted(ev["benchmark"].unique()):
         rows = ev[ev["benchmark"] == bench]
-        metrics[bench] = headline_metric(rows["metric"], family)
+        metrics[bench] = headline_metric(rows, family)
         steps[bench] = int(rows["step"].max())
         sel = rows[(rows["metric"] == metrics[bench]) & (rows["step"] == steps[bench])]
         parts.append(sel.set_index(["variant", "seed"])["value"].rename(bench))
@@ -390,15 +400,15 @@ def training_table(runs, window: int = 5):
     largest gradient norm over training, and the mean step time over training."""
     runs = with_variants(runs)
     info = variant_info(runs)
-    tr = runs[runs["benchmark"] == "train"]
+    tr = runs[runs["source"] == "train"]
     if tr.empty:
-        raise ValueError("runs.parquet has no training rows (benchmark 'train')")
+        raise ValueError("runs.parquet has no training rows (source 'train')")
     metrics = [m for m in TRAINING_METRICS if m in set(tr["metric"])]
-    specs = [(m, "final") for m in metrics if m != "step_s"]
-    if "grad_norm" in metrics:
-        specs.append(("grad_norm", "max"))
-    if "step_s" in metrics:
-        specs.append(("step_s", "mean"))
+    specs = [(m, "final") for m in metrics if m != "perf/step_s"]
+    if "train/grad_norm" in metrics:
+        specs.append(("train/grad_norm", "max"))
+    if "perf/step_s" in metrics:
+        specs.append(("perf/step_s", "mean"))
     csv_rows, md_rows = [], []
     for var in variant_order(tr["variant"].unique(), info):
         cells = [var, variant_label(var, info)]
@@ -413,12 +423,15 @@ def training_table(runs, window: int = 5):
                 else:
                     per_seed.append(g["value"].mean())
             s = seed_stats(per_seed)
-            csv_rows.append(
-                {**variant_columns(var, info), "metric": metric, "statistic": stat, **s}
-            )
+            key = results.split_metric(metric)[1]  # the table's name: kl_mean
+            csv_rows.append({**variant_columns(var, info), "metric": key, "statistic": stat, **s})
             cells.append(fmt_stats(s))
         md_rows.append(cells)
-    header = ["variant", "estimator (options)", *[f"{m} ({st})" for m, st in specs]]
+    header = [
+        "variant",
+        "estimator (options)",
+        *[f"{results.split_metric(m)[1]} ({st})" for m, st in specs],
+    ]
     note = (
         f"final = mean of the last {window} logged steps; max / mean over all steps; "
         "mean ± std over seeds [95% bootstrap CI].\n"
@@ -429,8 +442,7 @@ def training_table(runs, window: int = 5):
 # ---- variance -------------------------------------------------------------------------------
 
 
-def is_variance_probe(name: str) -> bool:
-    return ("variance" in name or name.startswith("adam_proxy")) and "ratio" not in name
+is_variance_probe = results.is_variance_probe  # by the probe's declared kind
 
 
 def probe_ratios(var: pd.DataFrame, reference_estimator: str) -> pd.DataFrame:
@@ -609,7 +621,7 @@ def load(results_dir: Path, name: str, required: bool = True):
         if required:
             raise ValueError(f"{path} is missing: run python -m vopd.aggregate first")
         return None
-    df = pd.read_parquet(path)
+    df = results.read(path, name)  # untrusted: columns and dtypes checked
     return with_variants(df) if name in ("runs", "variance") else df
 
 
@@ -650,7 +662,7 @@ def claims(results_dir: Path, args) -> list[str]:
     """One line per checkable paper claim (docs/method.md §3), with the numbers behind it."""
     ref, lines = args.reference_estimator, []
     runs = load(results_dir, "runs", required=False)
-    if runs is not None and (runs["benchmark"] != "train").any():
+    if runs is not None and (runs["source"] == "eval").any():
         wide, _, _ = per_seed_accuracy(runs, args.metric)
         for claim, a, b in (
             ("C6 (vOPD >= sample OPD)", "vopd", "sample_opd"),
@@ -746,7 +758,7 @@ def ablation_section(report_dir: Path, folder: Path) -> list[str]:
     var = folder / "tables" / "variance.md"
     runs_probed = folder / "variance.parquet"
     if var.is_file() and runs_probed.is_file():
-        probed = pd.read_parquet(runs_probed)
+        probed = results.read(runs_probed, "variance")
         if (probed["source"] == "probe").any():
             out.append(_table_body(var))
     return out
@@ -767,12 +779,13 @@ def write_summary(results_dir: Path, args) -> None:
         out.append("> " + " ".join(description.split()) + "\n")  # one line: read back below
     runs = load(results_dir, "runs", required=False)
     if runs is not None:
-        tr = runs[runs["benchmark"] == "train"]
+        tr = runs[runs["source"] == "train"]
+        benches = sorted(set(runs.loc[runs["source"] == "eval", "benchmark"]))
         out.append(
             f"Runs: {tr['variant'].nunique()} variants of {tr['estimator'].nunique()} "
             f"estimators x {tr['seed'].nunique()} seeds, "
             f"{int(tr['step'].max()) if len(tr) else 0} steps; benchmarks: "
-            f"{', '.join(sorted(set(runs['benchmark']) - {'train'})) or 'none'}.\n"
+            f"{', '.join(benches) or 'none'}.\n"
         )
     lines = claims(results_dir, args)
     if lines:

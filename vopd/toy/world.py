@@ -32,22 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vopd import results
 from vopd.checkpoint import atomic_dir
 from vopd.io import atomic_path, write_json
 from vopd.toy.tokenizer import build_tokenizer
 
 OPS = "+-*"
-BENCHMARK_SCHEMA = pa.schema(  # the brief's benchmark Parquet schema, one row per problem
-    [
-        ("id", pa.string()),
-        ("problem", pa.string()),
-        ("prompt", pa.string()),
-        ("answer", pa.string()),
-        ("choices", pa.list_(pa.string())),
-        ("kind", pa.string()),
-        ("source", pa.string()),
-    ]
-)
+BENCHMARK_SCHEMA = results.benchmark_arrow_schema()  # one row per problem (vopd.results)
 
 
 # ---------------------------------------------------------------------------------------------

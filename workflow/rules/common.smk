@@ -24,12 +24,13 @@ REPO_ROOT = os.path.dirname(
 
 sys.path.insert(0, REPO_ROOT)  # this checkout's vopd package, whatever is installed
 from vopd import experiments  # noqa: E402 (torch-free: the catalog and the trainer's config)
+from vopd import results  # noqa: E402 (torch-free: the results contract)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 TOY_BENCHMARKS = experiments.TOY_BENCHMARKS
-TABLES = ("accuracy", "training", "variance", "cost", "sweep")
-AGGREGATES = ("runs", "references", "variance", "profile")
+TABLES = results.TABLES  # the results contract (vopd/results.py)
+AGGREGATES = results.AGGREGATES
 TOY = config["toy"]["dir"]
 
 
