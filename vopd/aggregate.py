@@ -421,6 +421,14 @@ def _csv(text: str | None, cast=str):
 
 
 def main(argv=None) -> dict:
+    """The CLI: a results file that breaks the contract (vopd.results) exits naming it."""
+    try:
+        return _main(argv)
+    except ValueError as err:
+        raise SystemExit(f"vopd.aggregate: {err}") from None
+
+
+def _main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m vopd.aggregate", description=__doc__.split("\n")[0]
     )

@@ -191,8 +191,8 @@ def test_one_opd_step_with_vllm_and_lora(tmp_path, model_dir, estimator):
     res = subprocess.run([*cmd, "--no-progress", *overrides], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["step"] == 1 and torch.isfinite(torch.tensor(row["loss"]))
+    assert row["step"] == 1 and torch.isfinite(torch.tensor(row["train/loss"]))
     # bf16 vLLM vs the bf16 trainer on the same weights: a small but real mismatch
-    assert 0.0 <= row["mismatch_kl"] < 0.05 and row["is_weight_mean"] > 0
+    assert 0.0 <= row["estimator/mismatch_kl"] < 0.05 and row["estimator/is_weight_mean"] > 0
     assert (out / "checkpoints" / "step1" / "adapter_config.json").is_file()
     assert not (out / "checkpoints" / "step1" / "model.safetensors").exists()

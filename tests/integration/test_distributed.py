@@ -220,7 +220,7 @@ def test_torchrun_two_processes_lora(run_config, tmp_path):
     assert len(finals) == 1 and finals[0]["steps"] == 2  # rank 0 alone prints
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one row per step, not one per rank
-    assert rows[0]["num_tokens"] > 0 and rows[0]["is_weight_mean"] > 0
+    assert rows[0]["train/num_tokens"] > 0 and rows[0]["estimator/is_weight_mean"] > 0
     step2 = out / "checkpoints" / "step2"
     assert (step2 / "adapter_config.json").is_file() and not (step2 / "model.safetensors").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["finetune"] == "lora"

@@ -178,10 +178,13 @@ def test_report_tables_have_a_row_for_each(throwaway):
     rows = []
     for i, est in enumerate(("sample_opd", EXACT, PG, "vopd")):
         for seed in (0, 1):
-            rows.append((est, est, seed, 10, "toy_test", "avg@4", 0.4 + 0.1 * i + 0.01 * seed))
+            rows.append(
+                (est, est, seed, 10, "eval", "toy_test", 4, "avg@4", 0.4 + 0.1 * i + 0.01 * seed)
+            )
             for step in (1, 2):
-                rows.append((est, est, seed, step, "train", "kl_mean", 1.0 / step + i))
-    cols = ["variant", "estimator", "seed", "step", "benchmark", "metric", "value"]
+                kl = 1.0 / step + i
+                rows.append((est, est, seed, step, "train", "", 0, "estimator/kl_mean", kl))
+    cols = ["variant", "estimator", "seed", "step", "source", "benchmark", "n", "metric", "value"]
     runs = pd.DataFrame(rows, columns=cols).assign(experiment="exp", variant_options="")
     csv, md = report.accuracy_table(runs, None)
     order = list(dict.fromkeys(csv["estimator"]))
@@ -206,7 +209,7 @@ def test_one_training_run_in_process(throwaway, run_config, tmp_path, name):
     done = train(cfg, out, progress=False)
     assert done["estimator"] == name and done["steps"] == 1 and done["checkpoints"] == [0, 1]
     (row,) = read_jsonl(out / "metrics.jsonl")
-    assert torch.isfinite(torch.tensor(row["loss"])) and row["grad_norm"] > 0
+    assert torch.isfinite(torch.tensor(row["train/loss"])) and row["train/grad_norm"] > 0
     if name == PG:
         assert row["adv_std"] > 0 and "baseline_mean" in row
     else:

@@ -18,7 +18,7 @@ import yaml
 from conftest import save_model, tiny_llama
 from safetensors.torch import load_file
 
-from vopd import catalog
+from vopd import catalog, results
 from vopd.config import load_config
 from vopd.io import read_jsonl
 from vopd.train import main
@@ -26,24 +26,25 @@ from vopd.trainer import train
 
 pytestmark = pytest.mark.integration
 
-METRIC_KEYS = {
+METRIC_KEYS = {  # namespaced (vopd.results)
     "step",
-    "loss",
-    "reward_mean",
-    "kl_mean",
-    "adv_mean",
-    "adv_std",
-    "grad_norm",
-    "response_len",
-    "entropy",
-    "adam_proxy",
-    "time_rollout_s",
-    "time_teacher_s",
-    "time_update_s",
-    "step_s",
-    "tokens_per_s",
+    "train/loss",
+    "estimator/reward_mean",
+    "estimator/kl_mean",
+    "estimator/adv_mean",
+    "estimator/adv_std",
+    "train/grad_norm",
+    "train/lr",
+    "train/response_len",
+    "estimator/entropy",
+    "estimator/adam_proxy",
+    "perf/time_rollout_s",
+    "perf/time_teacher_s",
+    "perf/time_update_s",
+    "perf/step_s",
+    "perf/tokens_per_s",
 }
-TIMING = {"time_rollout_s", "time_teacher_s", "time_update_s", "step_s", "tokens_per_s"}
+TIMING = {k for k in METRIC_KEYS if k.startswith("perf/")}
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -74,7 +75,8 @@ def test_run_directory_contract(run_config, tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert set(r) >= METRIC_KEYS
-        assert r["step_s"] >= r["time_rollout_s"] + r["time_teacher_s"]
+        results.check_metrics_record(r, "metrics.jsonl")  # every key namespaced
+        assert r["perf/step_s"] >= r["perf/time_rollout_s"] + r["perf/time_teacher_s"]
     assert load_config(run / "config.yaml").max_steps == 3
     env = json.loads((run / "env.json").read_text())
     assert env["packages"]["torch"] and "git" in env

@@ -144,7 +144,7 @@ def test_padded_teacher_rows_are_sliced(run_config, tmp_path, toy_tokenizer):
     run = tmp_path / "run"
     main(["--config", str(run_config(teacher=str(teacher), max_steps=1)), "--out", str(run)])
     row = read_jsonl(run / "metrics.jsonl")[0]
-    assert torch.isfinite(torch.tensor([row["loss"], row["kl_mean"]])).all()
+    assert torch.isfinite(torch.tensor([row["train/loss"], row["estimator/kl_mean"]])).all()
 
 
 def test_padded_student_rows_need_a_restricted_sampler(run_config, tmp_path, toy_tokenizer):

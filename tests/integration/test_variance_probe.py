@@ -36,7 +36,7 @@ def run_dir(tmp_path, tiny_models, tiny_world):
         "seed": 3,
     }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    rows = [{"step": s, "loss": 0.1, "adam_proxy": 0.5 * s} for s in (1, 2)]
+    rows = [{"step": s, "train/loss": 0.1, "estimator/adam_proxy": 0.5 * s} for s in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from vopd import report
+from vopd import results as contract
 from vopd.report import bootstrap_ci, exact_bootstrap, seed_stats
 from vopd.report.__main__ import main
 
@@ -66,13 +67,6 @@ def test_seed_stats_by_hand():
     assert report.fmt_stats(one) == "0.500"
 
 
-def test_headline_metric_takes_the_real_n():
-    assert report.headline_metric(["avg@8", "pass@1", "pass@8", "maj@8"], "pass") == "pass@8"
-    assert report.headline_metric(["avg@4", "avg@4_ci95_lo"], "avg") == "avg@4"
-    with pytest.raises(ValueError, match="no maj@n metric"):
-        report.headline_metric(["avg@4"], "maj")
-
-
 # ---- tables -----------------------------------------------------------------------------------
 
 
@@ -94,7 +88,23 @@ def runs_frame() -> pd.DataFrame:
             rows.append((est, seed, step, "train", "kl_mean", 10.0 * step + seed))
             rows.append((est, seed, step, "train", "grad_norm", float(step == 2) + seed))
     df = pd.DataFrame(rows, columns=["estimator", "seed", "step", "benchmark", "metric", "value"])
-    return df.assign(experiment="exp")
+    return contract_runs(df.assign(experiment="exp", variant=df["estimator"], variant_options=""))
+
+
+def contract_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written as (benchmark "train", un-namespaced metric) for brevity, as runs.parquet
+    holds them (vopd.results): source train / eval, no benchmark and n = 0 for training rows,
+    n = 4 for the avg@4 evaluations, namespaced training metrics."""
+    train = df["benchmark"] == "train"
+    df = df.assign(
+        source=train.map({True: "train", False: "eval"}),
+        benchmark=df["benchmark"].where(~train, ""),
+        n=(~train).astype("int64") * 4,
+        metric=[
+            contract.metric_name(m) if t else m for m, t in zip(df["metric"], train, strict=True)
+        ],
+    )
+    return contract.validate(df[contract.RUNS_COLUMNS], "runs", "test frame")
 
 
 def test_accuracy_table_by_hand():
@@ -145,7 +155,7 @@ def variants_frame() -> pd.DataFrame:
             rows.append((var, est, opts, seed, 10, "toy_test", "avg@4", base + seed / 10))
             rows.append((var, est, opts, seed, 1, "train", "kl_mean", base))
     cols = ["variant", "estimator", "variant_options", "seed", "step", "benchmark", "metric"]
-    return pd.DataFrame(rows, columns=[*cols, "value"]).assign(experiment="exp")
+    return contract_runs(pd.DataFrame(rows, columns=[*cols, "value"]).assign(experiment="exp"))
 
 
 def test_variants_are_rows_of_their_own_in_catalog_then_option_order():
@@ -165,8 +175,28 @@ def test_variants_are_rows_of_their_own_in_catalog_then_option_order():
 
 
 def test_older_files_without_variant_columns_read_as_one_variant_per_estimator():
-    runs = report.with_variants(runs_frame())
+    runs = report.with_variants(runs_frame().drop(columns=["variant", "variant_options"]))
     assert (runs["variant"] == runs["estimator"]).all() and set(runs["variant_options"]) == {""}
+
+
+def test_headline_metric_needs_the_n_of_its_rows():
+    ev = runs_frame().query("source == 'eval'")
+    assert report.headline_metric(ev, "avg") == "avg@4"
+    with pytest.raises(ValueError, match=r"no avg@8 metric"):
+        report.headline_metric(ev.assign(n=8), "avg")
+
+
+def test_cli_rejects_a_file_that_breaks_the_contract(tmp_path):
+    root = tmp_path / "exp"
+    root.mkdir()
+    bad = {
+        "runs": ("training", runs_frame().drop(columns=["source"]), r"\['source'\] missing"),
+        "variance": ("variance", variance_frame().astype({"seed": float}), "'seed' has dtype"),
+    }
+    for kind, (table, frame, match) in bad.items():
+        frame.to_parquet(root / f"{kind}.parquet")
+        with pytest.raises(SystemExit, match=rf"{kind}\.parquet: column.*{match}"):
+            main(["--results-dir", str(root), "--what", "tables", "--only", table])
 
 
 def test_training_table_final_window_max_and_mean():
@@ -185,12 +215,15 @@ def variance_frame() -> pd.DataFrame:
     for seed, (tv_ref, tv_vopd) in enumerate(((4.0, 2.0), (5.0, 4.0))):
         for est, tv in (("sample_opd", tv_ref), ("vopd", tv_vopd)):
             rows.append((est, seed, 10, "total_variance", tv, "sample_opd", "probe"))
-            rows.append((est, seed, 10, "cosine_to_mean", 0.5, "sample_opd", "probe"))
+            rows.append((est, seed, 10, "cosine_to_full_opd", 0.5, "sample_opd", "probe"))
         for step in (1, 2):
             rows.append(("sample_opd", seed, step, "adam_proxy", 2.0 * step, "sample_opd", "train"))
             rows.append(("vopd", seed, step, "adam_proxy", 1.0 * step, "vopd", "train"))
     cols = ["estimator", "seed", "step", "probe", "value", "run_estimator", "source"]
-    return pd.DataFrame(rows, columns=cols).assign(experiment="exp")
+    df = pd.DataFrame(rows, columns=cols)
+    df = df.assign(experiment="exp", variant=df["estimator"], run_variant=df["run_estimator"])
+    df = df.assign(variant_options="")
+    return contract.validate(df[contract.VARIANCE_COLUMNS], "variance", "test frame")
 
 
 def test_variance_table_ratios_by_hand():
@@ -201,7 +234,7 @@ def test_variance_table_ratios_by_hand():
     assert tv["std"] == pytest.approx(math.sqrt(0.045))
     adam = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "adam_proxy_ratio")].iloc[0]
     assert adam["mean"] == pytest.approx(0.5)  # (1 + 2) / (2 + 4) in both seeds
-    cos = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "cosine_to_mean")].iloc[0]
+    cos = csv[(csv["estimator"] == "vopd") & (csv["probe"] == "cosine_to_full_opd")].iloc[0]
     assert cos["mean"] == 0.5
     assert "total_variance ratio @ step 10" in md
 

@@ -60,7 +60,7 @@ def test_vllm_smoke_run_trains_evaluates_and_reports(smoke_vllm):
     exp = root / "results" / cfg["experiment"]
     runs = pd.read_parquet(exp / "runs.parquet")
     assert set(runs["estimator"]) == set(cfg["estimators"])
-    assert {"train", "toy_test"} <= set(runs["benchmark"])
+    assert set(runs["source"]) == {"train", "eval"} and "toy_test" in set(runs["benchmark"])
     for name in ("accuracy", "training", "variance"):
         assert (exp / "tables" / f"{name}.md").is_file()
     assert "## Accuracy" in (exp / "report.md").read_text()
@@ -68,7 +68,7 @@ def test_vllm_smoke_run_trains_evaluates_and_reports(smoke_vllm):
         run = exp / est / "seed0"
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == cfg["train"]["steps"]
-        assert all(r["mismatch_kl"] < 1e-8 for r in rows), est  # float32 vLLM = the trainer
+        assert all(r["estimator/mismatch_kl"] < 1e-8 for r in rows), est  # fp32 vLLM = trainer
         assert (run / "checkpoints" / "step4" / "adapter_config.json").is_file()
         samples = run / "eval" / "toy_test" / "step4" / "samples.parquet"
         meta = json.loads(pq.read_schema(samples).metadata[b"vopd"])
