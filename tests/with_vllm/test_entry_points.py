@@ -72,8 +72,9 @@ def test_opd_steps_with_vllm_rollouts_lora_and_is_correction(estimator, opd_runs
         assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]), r
         assert 0.0 <= r["estimator/mismatch_kl"] < MISMATCH_KL_TOL, r
         assert r["estimator/logp_absdiff_max"] < LOGP_ABSDIFF_TOL, r
-        assert abs(r["estimator/is_weight_mean"] - 1.0) < IS_WEIGHT_TOL and r["estimator/is_zeroed_frac"] == 0.0, r
-    assert rows[1]["grad_norm"] > 0  # the adapter really trained between the two rollouts
+        assert abs(r["estimator/is_weight_mean"] - 1.0) < IS_WEIGHT_TOL, r
+        assert r["estimator/is_zeroed_frac"] == 0.0, r
+    assert rows[1]["train/grad_norm"] > 0  # the adapter really trained between the two rollouts
     step = out / "checkpoints" / "step2"
     assert (step / "adapter_config.json").is_file()
     assert not (step / "model.safetensors").exists()
