@@ -80,7 +80,7 @@ def report(args) -> None:
     for b, dirs in runs.items():
         for d in dirs:
             rows = _rows(d)
-            kl = {r["step"]: r["kl_mean"] for r in rows}
+            kl = {r["step"]: r["estimator/kl_mean"] for r in rows}
             later = rows[1:]
             t = {k: _median([r[k] for r in later]) for k in
                  ("time_rollout_s", "time_teacher_s", "time_update_s", "step_s")}  # fmt: skip
@@ -94,7 +94,7 @@ def report(args) -> None:
     print("|---|---|---|---|---|---|---|")
     for d in runs["vllm"]:
         rows = _rows(d)
-        mk = [r["mismatch_kl"] for r in rows]
+        mk = [r["estimator/mismatch_kl"] for r in rows]
         print(f"| seed {d.name[4:]} | {sum(mk) / len(mk):.1e} | {max(mk):.1e} | "
               f"{max(r['logp_absdiff_max'] for r in rows):.1e} | "
               f"{max(abs(r['logp_diff_mean']) for r in rows):.1e} | "
@@ -110,7 +110,7 @@ def report(args) -> None:
         for b, style in zip(BACKENDS, ("-", "--"), strict=True):
             for d in runs[b]:
                 rows = _rows(d)
-                ax.plot([r["step"] for r in rows], [r["kl_mean"] for r in rows], style,
+                ax.plot([r["step"] for r in rows], [r["estimator/kl_mean"] for r in rows], style,
                         label=f"{b} rollouts, seed {d.name[4:]}")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("KL(student ‖ teacher), token mean")

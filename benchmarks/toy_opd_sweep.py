@@ -80,8 +80,8 @@ def main(argv=None) -> None:
                 "seed": seed,
                 "steps": done["steps"],
                 **acc,
-                "kl_last10": float(np.mean([m["kl_mean"] for m in metrics[-10:]])),
-                "mean_step_s": float(np.mean([m["step_s"] for m in metrics])),
+                "kl_last10": float(np.mean([m["estimator/kl_mean"] for m in metrics[-10:]])),
+                "mean_step_s": float(np.mean([m["perf/step_s"] for m in metrics])),
                 "train_s": train_s,
             }
             rows.append(row)
