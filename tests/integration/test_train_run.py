@@ -318,3 +318,17 @@ def test_a_cut_metrics_file_resumes_from_a_covered_checkpoint_or_refuses(run_con
     with pytest.raises(ValueError, match=r"metrics\.jsonl holds steps 1\.\.1 contiguously"):
         train(cfg, other, progress=False)
     assert not (other / "done.json").exists()
+
+
+def test_an_old_unnamespaced_metrics_file_is_refused_on_resume(run_config, tmp_path):
+    """A run directory of a release before the results contract (metrics.jsonl keys such as
+    ``loss``): the resume stops naming the file, the line and the key; nothing is rewritten."""
+    cfg, _, cut = _cut_run(run_config, tmp_path)
+    metrics = cut / "metrics.jsonl"
+    old = [{"step": r["step"], **{k.split("/", 1)[1]: v for k, v in r.items() if k != "step"}}
+           for r in read_jsonl(metrics)]  # fmt: skip
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in old))
+    before = metrics.read_bytes()
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 1: key '\w+' is not namespaced"):
+        train(cfg, cut, progress=False)
+    assert metrics.read_bytes() == before and not (cut / "done.json").exists()
