@@ -40,11 +40,16 @@ RUN_FILES = {
     "env.json": "library versions and the machine",
     "metrics.jsonl": "one JSON object per optimizer step, keys namespaced (METRIC_NAMESPACES)",
     "resumes.jsonl": "one line per resume: from_step, time",
+    "reused_from.json": "a run copied from another experiment's (vopd.experiments.copy_run)",
     "done.json": "written last: the run finished",
     "checkpoints/step{step}/": "weights (or a LoRA adapter); the newest holds the resume state",
     "eval/{benchmark}/step{step}/summary.json": "an evaluation's metrics (avg@n, pass@k, maj@n)",
     "variance/step{step}.parquet": "a variance probe (SCHEMAS['probe'])",
 }
+# What belongs to the training itself (evaluations, probes and logs belong to the experiment
+# that made them): what a reused run copies.
+TRAINING_FILES = ("config.yaml", "metrics.jsonl", "env.json", "resumes.jsonl")
+TRAINING_DIRS = ("checkpoints",)
 REFERENCE_SUMMARY = "reference/{model}/eval/{benchmark}/summary.json"
 AGGREGATES = ("runs", "references", "variance", "profile")
 TABLES = ("accuracy", "training", "variance", "cost", "sweep")

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import yaml
 
-from vopd import catalog
+from vopd import catalog, results
 from vopd.config import TrainConfig, parse_overrides
 
 TOY_BENCHMARKS = ("toy_test", "toy_hard")  # what `python -m vopd.toy world` writes
@@ -460,8 +460,8 @@ def all_variant_names(exps: Mapping[str, Experiment]) -> list[str]:
 
 # What a run directory holds that belongs to the training itself (its evaluations, probes, logs
 # and benchmarks belong to the experiment that ran them, and are made again for the copy).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "env.json", "resumes.jsonl")
-RUN_DIRS = ("checkpoints",)
+RUN_FILES = results.TRAINING_FILES
+RUN_DIRS = results.TRAINING_DIRS
 
 
 def copy_run(src: str | Path, dst: str | Path) -> Path:
