@@ -211,9 +211,9 @@ def test_one_training_run_in_process(throwaway, run_config, tmp_path, name):
     (row,) = read_jsonl(out / "metrics.jsonl")
     assert torch.isfinite(torch.tensor(row["train/loss"])) and row["train/grad_norm"] > 0
     if name == PG:
-        assert row["adv_std"] > 0 and "baseline_mean" in row
+        assert row["estimator/adv_std"] > 0 and "estimator/baseline_mean" in row
     else:
-        assert row["adv_mean"] is None
+        assert row["estimator/adv_mean"] is None
 
 
 def test_variance_cli_probes_both(throwaway, tmp_path, tiny_models, tiny_world):

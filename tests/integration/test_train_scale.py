@@ -24,7 +24,8 @@ from vopd.trainer import load_models, load_prompts, train, train_step
 
 pytestmark = pytest.mark.integration
 
-TIMING = {"time_rollout_s", "time_teacher_s", "time_update_s", "step_s", "tokens_per_s"}
+TIMING = {"perf/time_rollout_s", "perf/time_teacher_s", "perf/time_update_s", "perf/step_s",
+          "perf/tokens_per_s"}  # fmt: skip
 LORA = {"finetune": "lora", "lora_r": 4, "lora_alpha": 8}
 
 
