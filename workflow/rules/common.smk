@@ -168,7 +168,10 @@ def toy_world_flags(wildcards):
 
 
 def toy_sft_flags(wildcards):
-    return cli_flags(config["toy"].get("sft", {}))
+    """SFT flags of `python -m vopd.toy models`, and --rebuild when toy.rebuild is true (else
+    the shipped models are used when the world and SFT settings are theirs)."""
+    flags = {**config["toy"].get("sft", {}), "rebuild": config["toy"].get("rebuild", False)}
+    return cli_flags(flags)
 
 
 def toy_world_dir(wildcards, input):
