@@ -222,7 +222,8 @@ def ship(world_dir: str | Path, models_dir: str | Path, root: Path = SHIPPED) ->
     world, sft, build = world_fingerprint(world_dir), summary["settings"], build_fingerprint()
     shipped = {}
     for role in ROLES:
-        names = sorted(p.name for p in (models_dir / role).iterdir())
+        # hidden files are not the model's (Snakemake's .snakemake_timestamp of a directory())
+        names = sorted(p.name for p in (models_dir / role).iterdir() if not p.name.startswith("."))
         extra = [n for n in names if n not in MODEL_FILES]
         missing = [n for n in REQUIRED_FILES if n not in names]
         if extra or missing:
