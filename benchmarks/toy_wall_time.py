@@ -108,9 +108,10 @@ def compare_tables(a: Path, b: Path) -> dict[str, str]:
         da, db = pd.read_csv(a / name), pd.read_csv(b / name)
         if da.equals(db):
             out[name] = "equal"
-        elif list(da.columns) != list(db.columns) or len(da) != len(db):
-            shapes = f"{list(da.columns)} x {len(da)} vs {list(db.columns)} x {len(db)}"
-            out[name] = f"differ: columns/rows {shapes}"
+        elif list(da.columns) != list(db.columns):
+            out[name] = f"differ: columns {list(da.columns)} vs {list(db.columns)}"
+        elif len(da) != len(db):
+            out[name] = f"differ: {len(da)} vs {len(db)} rows"
         else:
             cells = int((da.astype(str) != db.astype(str)).to_numpy().sum())
             out[name] = f"differ: {cells} of {da.size} cells"

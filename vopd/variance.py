@@ -2,6 +2,8 @@
 
     python -m vopd.variance --run-dir results/toy/vopd/seed0 --step 100 \
         --out results/toy/vopd/seed0/variance/step100.parquet [--k 8 --estimators all --prompts 64]
+    python -m vopd.variance --run-dir RUN --step 0 --out RUN/variance/step0.parquet \
+        --step 35 --out RUN/variance/step35.parquet     # several checkpoints, one process
 
 Two probes, both on rollouts of the checkpoint's student (claim C4 of docs/method.md §3):
 
@@ -28,6 +30,12 @@ default, so 1/N weights the positions); the exact probe uses ``sample_opd``'s pl
 space it is not, the Jacobian weights the positions differently). Writes rows ``experiment,
 estimator, seed, step, probe, value`` (the results contract (README)); prints a table and one JSON
 line.
+
+Several ``--step``/``--out`` pairs probe several checkpoints in one process (the workflow's one
+job per run: one start-up, not one per checkpoint). Each Parquet is written atomically with a
+fingerprint of what it depends on (:func:`vopd.variance_probe.probe_fingerprint`) in its metadata;
+an ``--out`` that already holds the same fingerprint is kept, not recomputed, so a rerun after a
+kill resumes at the first checkpoint not yet probed.
 """
 
 from __future__ import annotations
@@ -45,23 +53,28 @@ from vopd import catalog
 from vopd.chat import chat_prompt
 from vopd.config import load_config
 from vopd.estimators import ESTIMATORS
-from vopd.io import write_parquet
 from vopd.variance_math import as_variants
 from vopd.variance_probe import (
     COLUMNS,
     adam_proxy_at,
+    done_fingerprint,
     format_table,
     probe,
+    probe_fingerprint,
     probe_seeds,
     to_rows,
+    write_probes,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vopd.variance", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="RUN_DIR of python -m vopd.train")
-    ap.add_argument("--step", type=int, required=True, help="checkpoint RUN_DIR/checkpoints/stepN")
-    ap.add_argument("--out", required=True, help="Parquet, e.g. RUN_DIR/variance/stepN.parquet")
+    ap.add_argument("--step", type=int, action="append", required=True,
+                    help="checkpoint RUN_DIR/checkpoints/stepN; repeat it, each with its --out, "
+                    "to probe several checkpoints in one process")  # fmt: skip
+    ap.add_argument("--out", action="append", required=True,
+                    help="Parquet of each --step, e.g. RUN_DIR/variance/stepN.parquet")  # fmt: skip
     ap.add_argument("--k", type=int, default=8, help="rollout batches (>= 2)")
     ap.add_argument("--estimators", nargs="+", default=["all"], help="names (or commas), or all")
     ap.add_argument(
@@ -77,6 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact per-position probe")
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     args = ap.parse_args(argv)
+    if len(args.step) != len(args.out):
+        raise SystemExit(
+            f"error: {len(args.step)} --step and {len(args.out)} --out: expected one --out per "
+            "--step"
+        )
+    for step, out in zip(args.step, args.out, strict=True):
+        probe_checkpoint(argparse.Namespace(**{**vars(args), "step": step, "out": out}))
+
+
+def probe_checkpoint(args: argparse.Namespace) -> None:
+    """Probe one checkpoint (``args.step``) into ``args.out`` (kept when it already holds the
+    same fingerprint); print its table and JSON line."""
     from vopd import trainer as train  # the trainer library: config, data order, model loading
 
     run_dir = Path(args.run_dir)
@@ -100,6 +125,15 @@ def main(argv: list[str] | None = None) -> None:
             except json.JSONDecodeError as err:
                 raise ValueError(f"--variants: not valid JSON ({err})") from None
             variants = catalog.parse_variants(raw, key="--variants")
+        settings = {
+            k: getattr(args, k)
+            for k in ("step", "k", "prompts", "seed", "top_k", "micro_batch", "no_exact", "device")
+        } | {"estimators": names, "variants": args.variants, "experiment": args.experiment}
+        fingerprint = probe_fingerprint(run_dir, ckpt, cfg, settings)
+        if done_fingerprint(Path(args.out)) == fingerprint:
+            print(f"step {args.step}: {args.out} holds these probes already (same checkpoint and "
+                  "settings): kept", file=sys.stderr)  # fmt: skip
+            return
         overrides = {"seed": args.seed, "device": args.device, "micro_batch_size": args.micro_batch}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         m = cfg.prompts_per_step if args.prompts is None else args.prompts
@@ -168,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = to_rows(
         result, experiment=experiment, seed=cfg.seed, step=args.step, k=args.k, variants=variants
     )
-    write_parquet(args.out, pd.DataFrame(rows, columns=COLUMNS))
+    write_probes(Path(args.out), pd.DataFrame(rows, columns=COLUMNS), fingerprint)
     print(format_table(rows))
     summary = {
         "out": str(args.out),

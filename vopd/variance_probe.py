@@ -7,12 +7,17 @@ line is :mod:`vopd.variance`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -20,7 +25,7 @@ from tqdm import tqdm
 from vopd import distributed as dist
 from vopd import policy, results
 from vopd.batch import RolloutBatch, completion_logits, make_batch
-from vopd.io import read_jsonl
+from vopd.io import atomic_path, read_jsonl
 from vopd.loss import estimator_loss
 from vopd.rollout import get_backend
 from vopd.variance_math import (
@@ -217,3 +222,50 @@ def format_table(rows: list[dict]) -> str:
 
 
 COLUMNS = results.PROBE_COLUMNS  # the probe file of the results contract
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe files: written atomically with a fingerprint, so a rerun keeps what is done.
+
+PROBE_KEY = b"vopd_probe"  # Parquet metadata key of the probe fingerprint
+
+
+def _file_identity(path: Path) -> str:
+    """sha256 of a weights file (size and mtime for one over 64 MiB: hashing GBs costs more)."""
+    st = path.stat()
+    if st.st_size > 64 << 20:
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def probe_fingerprint(run_dir: Path, ckpt: Path, cfg, settings: dict) -> str:
+    """What a checkpoint's probes depend on: the run config, the checkpoint's and the teacher's
+    weights (when the teacher is a local directory), and the probe ``settings``."""
+    teacher = Path(cfg.teacher)
+    weights = {
+        str(p): _file_identity(p)
+        for d in (ckpt, teacher if teacher.is_dir() else None)
+        if d is not None
+        for p in sorted(d.glob("*.safetensors"))
+    }
+    blob = {"config": (run_dir / "config.yaml").read_text(), "weights": weights, **settings}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def done_fingerprint(out: Path) -> str | None:
+    """The fingerprint a probe Parquet was written with; None when absent or unreadable."""
+    try:
+        meta = pq.read_schema(out).metadata or {}
+    except (OSError, ValueError):  # absent or unreadable: probe again
+        return None
+    return meta.get(PROBE_KEY, b"").decode() or None
+
+
+def write_probes(out: Path, df: pd.DataFrame, fingerprint: str) -> None:
+    """The probe rows as Parquet, atomically, with the fingerprint in the schema metadata."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), PROBE_KEY: fingerprint.encode()}
+    )
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)

@@ -88,6 +88,38 @@ def test_same_seed_same_numbers_and_estimators_subset(run_dir):
     assert "cosine_to_full_opd" not in set(outs[0].probe)  # no full_opd to compare with
 
 
+def test_several_steps_in_one_process_and_a_rerun_keeps_what_is_done(run_dir, capsys):
+    """--step/--out pairs: the same rows as one call per step; a rerun keeps the finished
+    Parquet files (same checkpoint, same settings) and probes only what is missing; other
+    settings probe again."""
+    fast = ["--k", "2", "--estimators", "sample_opd,vopd", "--no-exact"]
+    single = run_dir / "single" / "step2.parquet"
+    main(["--run-dir", str(run_dir), "--step", "2", "--out", str(single), *fast])
+    outs = [run_dir / "variance" / f"step{s}.parquet" for s in (0, 2)]
+    pairs = ["--step", "0", "--out", str(outs[0]), "--step", "2", "--out", str(outs[1])]
+    main(["--run-dir", str(run_dir), *pairs, *fast])
+    pd.testing.assert_frame_equal(pd.read_parquet(outs[1]), pd.read_parquet(single))
+    assert set(pd.read_parquet(outs[0]).step) == {0}
+    capsys.readouterr()
+
+    outs[1].unlink()  # as if killed after step 0
+    kept = outs[0].stat().st_mtime_ns
+    main(["--run-dir", str(run_dir), *pairs, *fast])
+    err = capsys.readouterr().err
+    assert "step 0:" in err and "kept" in err and "step 2:" not in err
+    assert outs[0].stat().st_mtime_ns == kept
+    pd.testing.assert_frame_equal(pd.read_parquet(outs[1]), pd.read_parquet(single))
+
+    main(["--run-dir", str(run_dir), *pairs, "--k", "3", *fast[2:]])  # other settings
+    assert "kept" not in capsys.readouterr().err
+    assert set(pd.read_parquet(outs[0]).query("probe == 'k'").value) == {3.0}
+
+
+def test_steps_and_outs_pair_up(run_dir):
+    with pytest.raises(SystemExit, match="2 --step and 1 --out"):
+        main(["--run-dir", str(run_dir), "--step", "0", "--step", "2", "--out", "x.parquet"])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -463,7 +463,9 @@ def test_smoke_run_produces_the_results_contract(smoke):
         "estimator",
         "seed",
         "step",
+        "source",
         "benchmark",
+        "n",
         "metric",
         "value",
         "variant_options",
@@ -474,7 +476,9 @@ def test_smoke_run_produces_the_results_contract(smoke):
     k8 = runs[runs["variant"] == "topk_opd_k8"]
     assert set(k8["estimator"]) == {"topk_opd"} and set(k8["variant_options"]) == {"top_k=8"}
     assert "top_k: 8" in (exp / "topk_opd_k8" / "seed0" / "config.yaml").read_text()
-    assert {"train", "toy_test"} <= set(runs["benchmark"])
+    assert set(runs["source"]) == {"train", "eval"}
+    assert set(runs.loc[runs["source"] == "eval", "benchmark"]) >= {"toy_test"}
+    assert set(runs.loc[runs["source"] == "eval", "n"]) == {cfg["eval"]["sampling"]["n"]}
     var = pd.read_parquet(exp / "variance.parquet")
     assert {"total_variance", "adam_proxy"} <= set(var["probe"])
     assert list(var.columns[:7]) == [

@@ -2,10 +2,14 @@
 
     python -m vopd.toy world --out resources/toy [--seed 0 --n-train 8192 --n-test 1000 ...]
     python -m vopd.toy sft --world resources/toy --out resources/toy/models [--steps 1500 ...]
+    python -m vopd.toy models --world resources/toy --out resources/toy/models [--rebuild ...]
+    python -m vopd.toy ship --world resources/toy --models resources/toy/models
 
 ``world`` writes the tokenizer, prompt splits, benchmarks and world.json (see
-:mod:`vopd.toy.world`); ``sft`` trains the teacher and the student (see :mod:`vopd.toy.sft`).
-Both print a short table and one final JSON line.
+:mod:`vopd.toy.world`); ``sft`` trains the teacher and the student (see :mod:`vopd.toy.sft`);
+``models`` (the workflow's) installs the shipped ones instead when the world and the SFT settings
+are theirs, and ``ship`` makes an SFT's models the shipped ones (see :mod:`vopd.toy.ship`). Each
+prints a short table and one final JSON line.
 """
 
 from __future__ import annotations
@@ -35,22 +39,29 @@ def _world(args) -> dict:
     return {"out": str(args.out), **world["sizes"], "vocab_size": world["vocab_size"]}
 
 
+SFT_KEYS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "seed",
+    "eval_every",
+    "eval_size",
+    "student_em",
+    "teacher_em",
+)
+
+
 def _sft(args) -> dict:
     from vopd.toy.sft import run_sft
 
-    summary = run_sft(
-        args.world,
-        args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        eval_size=args.eval_size,
-        student_em=args.student_em,
-        teacher_em=args.teacher_em,
-    )
+    sft = {k: getattr(args, k) for k in SFT_KEYS}
+    if args.cmd == "models":
+        from vopd.toy.ship import models
+
+        summary = models(args.world, args.out, rebuild=args.rebuild, **sft)
+    else:
+        summary = run_sft(args.world, args.out, **sft)
     acc = summary["greedy_accuracy"]
     print(f"{'model':>8}  {'step':>5}  {'toy_test':>8}  {'toy_hard':>8}")
     for role in ("teacher", "student"):
@@ -58,10 +69,23 @@ def _sft(args) -> dict:
             f"{role:>8}  {summary[role]['step']:5d}  {acc[f'{role}/toy_test']:8.3f}  "
             f"{acc[f'{role}/toy_hard']:8.3f}"
         )
-    print(
-        f"sft {summary['time_s']['sft_total']:.1f} s, eval {summary['time_s']['final_eval']:.1f} s"
-    )
-    return {"out": str(args.out), **acc, **{f"time_{k}_s": v for k, v in summary["time_s"].items()}}
+    times = summary["time_s"]
+    if "source" in summary:  # installed, not trained: the times are the shipped SFT's
+        install_s = summary["source"]["install_s"]
+        print(f"installed in {install_s:.1f} s (shipped SFT: {times['sft_total']:.1f} s)")
+        times = {"install": install_s}
+    else:
+        print(f"sft {times['sft_total']:.1f} s, eval {times['final_eval']:.1f} s")
+    return {"out": str(args.out), **acc, **{f"time_{k}_s": v for k, v in times.items()}}
+
+
+def _ship(args) -> dict:
+    from vopd.toy.ship import SHIPPED, ship
+
+    manifest = ship(args.world, args.models)
+    for rel, f in manifest["files"].items():
+        print(f"{rel:36s} {f['bytes']:9d} B  sha256 {f['sha256'][:16]}")
+    return {"out": str(SHIPPED), "key": manifest["key"], **manifest["check"]["accuracy"]}
 
 
 def main(argv=None) -> None:
@@ -81,25 +105,35 @@ def main(argv=None) -> None:
     w.add_argument("--ops", default="+", help="operators to draw from, a subset of '+-*'")
     w.add_argument("--sft-terms", type=int, nargs="+", default=[2, 3, 4], help="SFT mixture: terms")
 
-    s = sub.add_parser("sft", help="train teacher and student by SFT")
-    s.add_argument("--world", required=True, help="world directory written by `world`")
-    s.add_argument("--out", required=True, help="output directory for teacher/ and student/")
-    s.add_argument("--steps", type=int, default=1500, help="max optimizer steps")
-    s.add_argument("--batch-size", type=int, default=128, help="examples per step")
-    s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    s.add_argument("--seed", type=int, default=0, help="init and data seed")
-    s.add_argument("--eval-every", type=int, default=10, help="steps between val evaluations")
-    s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
-    # --student-acc / --teacher-acc: the flags' first names, still accepted
-    s.add_argument("--student-em", "--student-acc", dest="student_em", type=float, default=0.55,
-                   help="target val exact match of the student")  # fmt: skip
-    s.add_argument("--teacher-em", "--teacher-acc", dest="teacher_em", type=float, default=0.97,
-                   help="early-stop val exact match")  # fmt: skip
+    for cmd, what in (
+        ("sft", "train teacher and student by SFT"),
+        ("models", "the shipped teacher and student if they fit the settings, else `sft`"),
+    ):
+        s = sub.add_parser(cmd, help=what)
+        s.add_argument("--world", required=True, help="world directory written by `world`")
+        s.add_argument("--out", required=True, help="output directory for teacher/ and student/")
+        s.add_argument("--steps", type=int, default=1500, help="max optimizer steps")
+        s.add_argument("--batch-size", type=int, default=128, help="examples per step")
+        s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+        s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+        s.add_argument("--seed", type=int, default=0, help="init and data seed")
+        s.add_argument("--eval-every", type=int, default=10, help="steps between val evaluations")
+        s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
+        # --student-acc / --teacher-acc: the flags' first names, still accepted
+        s.add_argument("--student-em", "--student-acc", dest="student_em", type=float,
+                       default=0.55, help="target val exact match of the student")  # fmt: skip
+        s.add_argument("--teacher-em", "--teacher-acc", dest="teacher_em", type=float,
+                       default=0.97, help="early-stop val exact match")  # fmt: skip
+    s.add_argument("--rebuild", action="store_true", help="SFT here even if shipped models fit")
+
+    p = sub.add_parser("ship", help="make an SFT's models the shipped ones (vopd/toy/shipped)")
+    p.add_argument("--world", required=True, help="the world the models were trained on")
+    p.add_argument("--models", required=True, help="the `sft` output directory")
 
     args = parser.parse_args(argv)
+    run = {"world": _world, "sft": _sft, "models": _sft, "ship": _ship}[args.cmd]
     try:
-        result = _world(args) if args.cmd == "world" else _sft(args)
+        result = run(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(result))

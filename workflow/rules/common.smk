@@ -169,7 +169,10 @@ def toy_world_flags(wildcards):
 
 
 def toy_sft_flags(wildcards):
-    return cli_flags(config["toy"].get("sft", {}))
+    """SFT flags of `python -m vopd.toy models`, and --rebuild when toy.rebuild is true (else
+    the shipped models are used when the world and SFT settings are theirs)."""
+    flags = {**config["toy"].get("sft", {}), "rebuild": config["toy"].get("rebuild", False)}
+    return cli_flags(flags)
 
 
 def toy_world_dir(wildcards, input):
@@ -327,9 +330,29 @@ def grade_dir(wildcards, output):
 # ---- variance and cost ----------------------------------------------------------------------
 
 
-def variance_flags(wildcards):
+def variance_rule_name(exp):
+    """variance_probe for the main comparison, variance_probe_ABLATION for an ablation."""
+    if exp.ablation is None:
+        return "variance_probe"
+    return "variance_probe_" + "".join(c if c.isalnum() else "_" for c in exp.ablation)
+
+
+def variance_outputs(exp):
+    """One run's probe Parquet files, one per probed step ({variant} and {seed} wildcards)."""
+    return [
+        f"results/{exp.name}/{{variant}}/seed{{seed}}/variance/step{step}.parquet"
+        for step in exp.variance["steps"]
+    ]
+
+
+def variance_step_flags(wildcards, output):
+    """`--step S --out PATH` for every probed step of one run (one process for all of them)."""
+    steps = [int(os.path.basename(p)[len("step") : -len(".parquet")]) for p in output.probes]
+    return " ".join(f"--step {s} --out {shlex.quote(p)}" for s, p in zip(steps, output.probes))
+
+
+def variance_flags(exp):
     """--k, the probed variants as --variants JSON (estimator and options of each), extras."""
-    exp = exp_of(wildcards)
     flags = cli_flags({"k": exp.variance["k"], **exp.variance.get("args", {})})
     variants = json.dumps(exp.probe_variants(), sort_keys=True)
     return f"{flags} --variants {shlex.quote(variants)}"

@@ -23,7 +23,9 @@ rule toy_world:
 
 
 rule toy_sft:
-    """SFT the teacher until it is good and keep an earlier, weaker checkpoint as the student."""
+    """The teacher and the student: the shipped ones (vopd/toy/shipped, hashes and greedy accuracy
+    verified) when the world and SFT settings are theirs and toy.rebuild is false; otherwise SFT
+    the teacher until it is good and keep an earlier, weaker checkpoint as the student."""
     input:
         world=f"{TOY}/world.json",
         prompts=f"{TOY}/prompts/train.parquet",
@@ -45,7 +47,7 @@ rule toy_sft:
         out=toy_models_dir,
         flags=toy_sft_flags,
     shell:
-        "{params.torch_env} python -m vopd.toy sft --world {params.world:q}"
+        "{params.torch_env} python -m vopd.toy models --world {params.world:q}"
         " --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
