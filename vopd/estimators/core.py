@@ -525,17 +525,15 @@ class _WeightedLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         logits_NV, ids_NK, c_NK, lse_N = ctx.saved_tensors
-        rows = _chunk_rows(logits_NV.shape[1], ctx.chunk_rows)
+        N, V = logits_NV.shape
+        chunks = _Chunks(N, V, ctx.chunk_rows, logits_NV, lse_N.dtype)
         grad_NV = torch.empty_like(logits_NV)
-        for a in range(0, logits_NV.shape[0], rows):
-            sl = slice(a, a + rows)
-            g = grad_N[sl, None].to(lse_N.dtype)
-            c = c_NK[sl] * g
-            chunk = torch.exp(logits_NV[sl].to(lse_N.dtype) - lse_N[sl, None]).mul_(
-                -c.sum(-1, keepdim=True)
-            )
-            chunk.scatter_add_(-1, ids_NK[sl], c)
-            grad_NV[sl] = chunk
+        for sl in chunks:  # as _SelectiveLogSoftmax: one fused softmax per chunk, in place
+            c = c_NK[sl] * grad_N[sl, None].to(lse_N.dtype)
+            out = _write_grad(chunks, grad_NV, sl, c.shape[0])
+            torch.softmax(chunks.acc(0, logits_NV[sl]), -1, out=out).mul_(-c.sum(-1, keepdim=True))
+            out.scatter_add_(-1, ids_NK[sl], c)
+            _flush(grad_NV, sl, out)
         return grad_NV, None, None, None, None
 
 
