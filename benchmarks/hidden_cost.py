@@ -24,14 +24,16 @@ CPU (or ``--device cuda``), ``--threads`` torch threads (default 2), V = 151,936
    tensors) fits the machine's available memory with ``--margin-gib`` to spare; elsewhere its
    numbers are extrapolated linearly in B·T from the largest two measured sizes, and marked so.
 
-All ratios come from this one run. On a shared machine, label the numbers as loaded-machine
-numbers. This is a measurement, not a test: it never fails the build; read its verdicts.
+All ratios come from this one run (``--journal FILE`` resumes an interrupted one from the rows
+it measured). On a shared machine, label the numbers as loaded-machine numbers. This is a
+measurement, not a test: it never fails the build; read its verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -51,8 +53,31 @@ def _available_bytes() -> int:
     return 0
 
 
+_JOURNAL: str | None = None  # --journal: every measured row is appended here at once
+
+
+def _key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def _journal() -> dict[str, dict]:
+    """Rows already measured by an earlier, interrupted run with the same --journal."""
+    if not _JOURNAL or not os.path.exists(_JOURNAL):
+        return {}
+    with open(_JOURNAL) as f:
+        return {e["spec"]: e["row"] for e in map(json.loads, f) if e["row"].get("status") == "ok"}
+
+
 def _run(specs: list[dict], desc: str, timeout: float) -> list[dict]:
-    rows = [measure_isolated(s, timeout=timeout) for s in tqdm(specs, desc=desc, file=sys.stderr)]
+    done, rows = _journal(), []
+    for spec in tqdm(specs, desc=desc, file=sys.stderr):
+        row = done.get(_key(spec))
+        if row is None:
+            row = measure_isolated(spec, timeout=timeout)
+            if _JOURNAL:
+                with open(_JOURNAL, "a") as f:
+                    f.write(json.dumps({"spec": _key(spec), "row": row}) + "\n")
+        rows.append(row)
     for r in rows:
         if r.get("status", "ok") != "ok":
             print(f"FAILED {r}", file=sys.stderr)
@@ -359,7 +384,14 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-hidden", action="store_true")
     ap.add_argument("--md", help="also write the tables as Markdown here")
+    ap.add_argument(
+        "--journal",
+        help="JSON-lines file: each row is appended as measured, and a rerun with the same file "
+        "reuses the rows it holds (a long run on a shared machine can be resumed)",
+    )
     args = ap.parse_args()
+    global _JOURNAL
+    _JOURNAL = args.journal
     unknown = [n for n in [*args.estimators, args.scale_estimator] if n not in ESTIMATORS]
     if unknown:
         raise SystemExit(f"unknown estimator(s) {unknown}: expected names from {list(ESTIMATORS)}")
