@@ -340,6 +340,27 @@ def reverse_kl_full(
     return kl_N.view(B, T)
 
 
+class _Gather(torch.autograd.Function):
+    """x[..., ids] along the last dim; backward scatters into one zero gradient in place
+    (autograd's own gather backward makes a zeros tensor and an out-of-place scatter_add
+    result: two logits-sized tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, ids):
+        ctx.save_for_backward(ids)
+        ctx.like = (x.shape, x.dtype, x.device)
+        return x.gather(-1, ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device).scatter_add_(
+            -1, ids, grad.to(dtype)
+        ), None
+
+
 def reverse_kl_topk(
     student_BTV: Tensor,
     teacher_BTV: Tensor,
@@ -356,7 +377,7 @@ def reverse_kl_topk(
     if ids_BTK is None:
         ids_BTK = topk_ids(student_BTV.reshape(B * T, V), k, chunk_rows=chunk_rows).view(B, T, k)
     acc = acc_dtype(student_BTV.dtype)
-    logp_BTK = torch.log_softmax(student_BTV.gather(-1, ids_BTK).to(acc), -1)
+    logp_BTK = torch.log_softmax(_Gather.apply(student_BTV, ids_BTK).to(acc), -1)
     logq_BTK = torch.log_softmax(teacher_BTV.detach().gather(-1, ids_BTK).to(acc), -1)
     return (logp_BTK.exp() * (logp_BTK - logq_BTK)).sum(-1)
 
