@@ -151,9 +151,19 @@ class _Meter:
             self.torch.cuda.synchronize()
 
 
-def _best_time(step, meter: _Meter, repeats: int) -> tuple[float, float, int]:
+def _best_time(step, meter: _Meter, repeats: int, warmup: bool = True) -> tuple[float, float, int]:
     """(best, median) seconds per step over ``repeats`` timings, each the mean of ``inner``
-    back-to-back steps, ``inner`` chosen from the warm-up so one timing lasts >= 50 ms."""
+    back-to-back steps, ``inner`` chosen from the warm-up so one timing lasts >= 50 ms.
+    ``warmup=False`` (steps of seconds, where one more step costs more than it teaches):
+    the first step is the first timing, one step per timing."""
+    if not warmup:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            meter.sync()
+            times.append(time.perf_counter() - t0)
+        return min(times), sorted(times)[len(times) // 2], 1
     t0 = time.perf_counter()
     step()  # warm-up: allocator and kernel caches
     meter.sync()
@@ -198,12 +208,14 @@ def measure_one(
     path="logits",
     hidden_size=None,
     head_grad=False,
+    warmup=True,
 ) -> dict:
     """Time and peak memory of one loss + backward, in this process: on random [B, T, V] logits
     (``hidden_size`` None), or with ``hidden_size`` H on random [B, T, H] hidden states and
     [V, H] heads, by ``path``: ``logits`` materialises h @ W.T for both models (the student's
     with grad) and runs the estimator; ``hidden`` runs ``vopd.estimators.hidden.hidden_loss``.
-    Gradients reach the student's hidden states, and its head when ``head_grad``."""
+    Gradients reach the student's hidden states, and its head when ``head_grad``. ``warmup``
+    False: no warm-up step (``_best_time``; the row's ``warmup`` says which)."""
     import torch
 
     if threads:
@@ -227,7 +239,7 @@ def measure_one(
         step = _logits_step(estimator, vocab_size, batch, seq_len, dt, dev, top_k, tokens, mask)
     inputs = meter.now()
     meter.reset_peak()
-    best, median, inner = _best_time(step, meter, repeats)
+    best, median, inner = _best_time(step, meter, repeats, warmup)
     peak = meter.peak()
     return {
         "mode": "loss",
@@ -242,6 +254,7 @@ def measure_one(
         "step_s": best,
         "step_s_median": median,
         "inner_steps": inner,
+        "warmup": bool(warmup),
         "peak_mem_bytes": int(peak),
         "base_bytes": int(base),
         "input_bytes": int(inputs - base),
