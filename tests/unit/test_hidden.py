@@ -302,6 +302,46 @@ def test_causal_lm_head_is_the_plain_projection():
         torch.testing.assert_close(decoder_hidden(model, input_ids=ids) @ head.T, logits)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen3_head_tied_or_not(tied):
+    """Qwen3 (bias-free lm_head, tied to the embeddings in the 0.6B/1.7B checkpoints): the head
+    passes both checks, and the loss from its hidden states equals the loss on its own logits,
+    gradients into every parameter included (the tied embedding gets both contributions)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      tie_word_embeddings=tied)  # fmt: skip
+    model = Qwen3ForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(2))
+    head = causal_lm_head(model, rows=30)
+    assert (head.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    check_head(model, ids)
+    y, mask = ids[:, 1:].clamp(max=29), MASKS["bool"]
+    with torch.no_grad():
+        teacher = model(input_ids=ids[:, :-1]).logits[..., :30]
+    grads = []
+    for path in ("logits", "hidden"):
+        model.zero_grad(set_to_none=True)
+        if path == "logits":
+            z = model(input_ids=ids[:, :-1]).logits[..., :30]
+            loss, _ = ESTIMATORS["vopd"](z, teacher + 0.3, y, mask)
+        else:
+            h = decoder_hidden(model, input_ids=ids[:, :-1])
+            with torch.no_grad():  # the teacher: the same model's logits shifted by 0.3
+                g = torch.cat([decoder_hidden(model, input_ids=ids[:, :-1]),
+                               torch.ones(2, 5, 1, dtype=D)], -1)  # fmt: skip
+                W_t = torch.cat([head, torch.full((30, 1), 0.3, dtype=D)], -1)
+            loss, _ = hidden_loss("vopd", h, causal_lm_head(model, 30), g, W_t, y, mask)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    for n, x in g0.items():
+        torch.testing.assert_close(g1[n], x, rtol=1e-9, atol=1e-12, msg=n)
+
+
 def test_unsupported_heads_are_rejected():
     model = _tiny_llama()
     model.lm_head = torch.nn.Linear(16, 37, bias=True)
