@@ -13,7 +13,10 @@ with one timed step and no warm-up step (steps of seconds, dominated by the [B·
 matmuls; freed buffers go back to the OS, so a warm-up would not make later steps cheaper);
 the logits path only where it fits ``--max-gib`` (24). ``--out-dir`` writes
 ``hidden_cost.json`` (everything), ``rows.csv`` (every measured variant), ``scaling.csv`` and
-``hidden_cost.md``.
+``hidden_cost.md``. Its run time is set by the head matmuls (2·B·T·H·V FLOP each, three per
+step on either path: ~1 TFLOP per step at B·T = 512, ~59 TFLOP over the run); at 100-150
+GFLOP/s on 2 cores that is 7-10 minutes of matmuls plus a few of kernels and input set-up: an
+estimate from the operation count, not a measurement (``--journal`` resumes a cut run).
 
 Every variant runs in a fresh process (``vopd.profile.measure_isolated``: forked from a server
 that imported torch once, glibc's mmap threshold pinned so peak RSS is the step's own), fp32 on
