@@ -34,10 +34,6 @@ def test_worker_threads_equal_one_chunk(name, dtype, two_threads):
         assert torch.get_num_threads() == 2
     loss1, metrics1, grad1 = results[-1]
     for loss, metrics, grad in results[:-1]:
-        torch.testing.assert_close(
-            loss, loss1, rtol=0, atol=1e-6 if dtype != torch.float64 else 1e-15
-        )
-        torch.testing.assert_close(
-            grad, grad1, rtol=0, atol=1e-6 if dtype != torch.float64 else 1e-15
-        )
-        assert metrics.keys() == metrics1.keys()
+        torch.testing.assert_close(loss, loss1, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad1, rtol=0, atol=0)
+        assert metrics == metrics1
