@@ -199,7 +199,16 @@ def hidden_vs_logits(args) -> tuple[list[dict], list[dict]]:
                 f"{n:<15}{lo['step_s']:>10.3f}{hi['step_s']:>10.3f}{tx:>8.2f}"
                 f"{_mib(lo):>12}{_mib(hi):>12}{mx:>8.3f}"
             )
-    return rows, []
+    verdicts = []
+    for path in ("logits", "hidden"):
+        vopd, sample = by.get(("vopd", path)), by.get(("sample_opd", path))
+        if vopd and sample:
+            verdicts.append(
+                _verdict(
+                    f"vopd time / sample_opd, {path} path", vopd["step_s"] / sample["step_s"], 1.10
+                )
+            )
+    return rows, verdicts
 
 
 def scaling(args, first: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:

@@ -55,6 +55,8 @@ def test_issue_mode_plans_the_measurement_and_writes_its_outputs(tmp_path, monke
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [t["tokens"] for t in result["scaling"]] == [512, 2048, 8192]
     assert result["skipped"] == []
+    names = [v["name"] for v in result["verdicts"]]
+    assert "vopd time / sample_opd, hidden path" in names and "vopd time / sample_opd" in names
     written = json.loads((tmp_path / "hidden_cost.json").read_text())
     assert written["scaling"] == result["scaling"]
     rows = (tmp_path / "rows.csv").read_text().splitlines()
