@@ -1,9 +1,22 @@
 """Cost benchmark: the logits kernels against the memory-traffic floor, and the loss
 from hidden states (``vopd.estimators.hidden.hidden_loss``) against the loss on materialised logits.
 
-    python benchmarks/hidden_cost.py                       # everything below (tens of minutes)
+    python benchmarks/hidden_cost.py --issue --out-dir DIR # the measurement below, sized to
+                                                           # finish in ~10 min on 2 idle cores
+    python benchmarks/hidden_cost.py                       # everything, 5 repeats (longer)
     python benchmarks/hidden_cost.py --skip-hidden         # the logits kernels only (minutes)
     python benchmarks/hidden_cost.py --md docs/results/hidden_cost.md
+
+``--issue`` is exactly this measurement: V = 151,936, H = 2048, fp32 CPU, 2 threads, all
+estimators; section 1 at B·T = 512 with 3 repeats; sections 2 and 3 at B·T in {512, 2048, 8192}
+with one timed step and no warm-up step (steps of seconds, dominated by the [B·T, H] x [H, V]
+matmuls; freed buffers go back to the OS, so a warm-up would not make later steps cheaper);
+the logits path only where it fits ``--max-gib`` (24). ``--out-dir`` writes
+``hidden_cost.json`` (everything), ``rows.csv`` (every measured variant), ``scaling.csv`` and
+``hidden_cost.md``. Its run time is set by the head matmuls (2·B·T·H·V FLOP each, three per
+step on either path: ~1 TFLOP per step at B·T = 512, ~59 TFLOP over the run); at 100-150
+GFLOP/s on 2 cores that is 7-10 minutes of matmuls plus a few of kernels and input set-up: an
+estimate from the operation count, not a measurement (``--journal`` resumes a cut run).
 
 Every variant runs in a fresh process (``vopd.profile.measure_isolated``: forked from a server
 that imported torch once, glibc's mmap threshold pinned so peak RSS is the step's own), fp32 on
@@ -21,17 +34,20 @@ CPU (or ``--device cuda``), ``--threads`` torch threads (default 2), V = 151,936
 3. **Scaling** of one estimator (``--scale-estimator``, vopd) at B·T in ``--sizes`` (512, 2048,
    8192): hidden/logits memory above the inputs (target <= 0.1x at 8192) and time (target <=
    1.3x). The logits path runs only where its predicted peak (inputs + 3 [B·T, V] float32
-   tensors) fits the machine's available memory with ``--margin-gib`` to spare; elsewhere its
-   numbers are extrapolated linearly in B·T from the largest two measured sizes, and marked so.
+   tensors: 5 GB each at B·T = 8192) fits ``min(--max-gib, available memory) - --margin-gib``;
+   elsewhere its numbers are extrapolated linearly in B·T from the largest two measured sizes,
+   and the output (stdout, JSON ``skipped``, the scaling table) says so.
 
-All ratios come from this one run. On a shared machine, label the numbers as loaded-machine
-numbers. This is a measurement, not a test: it never fails the build; read its verdicts.
+All ratios come from this one run (``--journal FILE`` resumes an interrupted one from the rows
+it measured). On a shared machine, label the numbers as loaded-machine numbers. This is a
+measurement, not a test: it never fails the build; read its verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -51,8 +67,32 @@ def _available_bytes() -> int:
     return 0
 
 
+_JOURNAL: str | None = None  # --journal: every measured row is appended here at once
+_SKIPPED: list[dict] = []  # variants not measured (too large for the memory budget), and why
+
+
+def _key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def _journal() -> dict[str, dict]:
+    """Rows already measured by an earlier, interrupted run with the same --journal."""
+    if not _JOURNAL or not os.path.exists(_JOURNAL):
+        return {}
+    with open(_JOURNAL) as f:
+        return {e["spec"]: e["row"] for e in map(json.loads, f) if e["row"].get("status") == "ok"}
+
+
 def _run(specs: list[dict], desc: str, timeout: float) -> list[dict]:
-    rows = [measure_isolated(s, timeout=timeout) for s in tqdm(specs, desc=desc, file=sys.stderr)]
+    done, rows = _journal(), []
+    for spec in tqdm(specs, desc=desc, file=sys.stderr):
+        row = done.get(_key(spec))
+        if row is None:
+            row = measure_isolated(spec, timeout=timeout)
+            if _JOURNAL:
+                with open(_JOURNAL, "a") as f:
+                    f.write(json.dumps({"spec": _key(spec), "row": row}) + "\n")
+        rows.append(row)
     for r in rows:
         if r.get("status", "ok") != "ok":
             print(f"FAILED {r}", file=sys.stderr)
@@ -69,6 +109,11 @@ def _verdict(name: str, value: float, target: float) -> dict:
     return {"name": name, "value": value, "target": target, "pass": ok}
 
 
+def _budget_bytes(args) -> int:
+    """Memory a variant may use: min(--max-gib, available now) minus --margin-gib."""
+    return int(min(args.max_gib * GIB, _available_bytes()) - args.margin_gib * GIB)
+
+
 def kernels(args) -> tuple[list[dict], list[dict]]:
     names = [FLOOR, FLOOR_PREALLOC, *args.estimators, NAIVE]
     common = {
@@ -83,12 +128,20 @@ def kernels(args) -> tuple[list[dict], list[dict]]:
     print("\n## 1. Logits kernels (loss + backward on random [B, T, V] logits)\n")
     print(format_table(rows))
     r = {row["estimator"]: row for row in _ok(rows)}
-    print(f"\n{'estimator':<15}{'step_s':>9}{'x floor':>9}{'x prealloc':>11}{'x naive':>9}")
-    for n in [*args.estimators, NAIVE]:
+    print(
+        f"\n{'estimator':<15}{'step_s':>9}{'x floor':>9}{'x prealloc':>11}{'x naive':>9}"
+        f"{'x sample':>10}{'peak MiB':>10}{'above MiB':>11}"
+    )
+    ratio_keys = (FLOOR, FLOOR_PREALLOC, NAIVE, "sample_opd")
+    for n in [FLOOR, FLOOR_PREALLOC, *args.estimators, NAIVE]:
         if n in r:
             t = r[n]["step_s"]
-            f0, f1, nv = (t / r[k]["step_s"] for k in (FLOOR, FLOOR_PREALLOC, NAIVE))
-            print(f"{n:<15}{t:>9.4f}{f0:>9.2f}{f1:>11.2f}{nv:>9.2f}")
+            ratios = (t / r[k]["step_s"] if k in r else float("nan") for k in ratio_keys)
+            f0, f1, nv, sx = ratios
+            print(
+                f"{n:<15}{t:>9.4f}{f0:>9.2f}{f1:>11.2f}{nv:>9.2f}{sx:>10.2f}"
+                f"{r[n]['peak_mem_bytes'] / 2**20:>10.0f}{_mib(r[n]):>11}"
+            )
     verdicts = []
     if {"vopd", "sample_opd"} <= set(r):
         verdicts.append(
@@ -118,6 +171,7 @@ def hidden_vs_logits(args) -> tuple[list[dict], list[dict]]:
         "threads": args.threads,
         "device": args.device,
         "head_grad": args.train_head,
+        "warmup": not args.no_warmup_hidden,
     }
     N = args.sizes[0]
     specs = [
@@ -145,7 +199,16 @@ def hidden_vs_logits(args) -> tuple[list[dict], list[dict]]:
                 f"{n:<15}{lo['step_s']:>10.3f}{hi['step_s']:>10.3f}{tx:>8.2f}"
                 f"{_mib(lo):>12}{_mib(hi):>12}{mx:>8.3f}"
             )
-    return rows, []
+    verdicts = []
+    for path in ("logits", "hidden"):
+        vopd, sample = by.get(("vopd", path)), by.get(("sample_opd", path))
+        if vopd and sample:
+            verdicts.append(
+                _verdict(
+                    f"vopd time / sample_opd, {path} path", vopd["step_s"] / sample["step_s"], 1.10
+                )
+            )
+    return rows, verdicts
 
 
 def scaling(args, first: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -157,6 +220,7 @@ def scaling(args, first: list[dict]) -> tuple[list[dict], list[dict], list[dict]
         "threads": args.threads,
         "device": args.device,
         "head_grad": args.train_head,
+        "warmup": not args.no_warmup_hidden,
     }
     have = {(r["seq_len"], r["path"]): r for r in _ok(first) if r["estimator"] == name}
     rows, table = list(have.values()), []
@@ -165,13 +229,18 @@ def scaling(args, first: list[dict]) -> tuple[list[dict], list[dict], list[dict]
             if (N, path) in have:
                 continue
             if path == "logits" and args.device == "cpu":
+                # inputs (two [V, H] heads, with room for a head gradient) + 3 [B·T, V] tensors
                 need = (3 * N * args.vocab + 4 * args.vocab * args.hidden_size) * 4
-                if need + args.margin_gib * GIB > _available_bytes():
-                    print(
-                        f"logits path at B·T={N}: needs ~{need / GIB:.1f} GiB, "
-                        f"{_available_bytes() / GIB:.1f} GiB available: extrapolated",
-                        file=sys.stderr,
+                budget = _budget_bytes(args)
+                if need > budget:
+                    why = (
+                        f"logits path at B·T={N} not measured: its predicted peak ~"
+                        f"{need / GIB:.1f} GiB exceeds the budget {budget / GIB:.1f} GiB "
+                        f"(min(--max-gib {args.max_gib:g}, {_available_bytes() / GIB:.1f} GiB "
+                        f"available) - --margin-gib {args.margin_gib:g}): extrapolated"
                     )
+                    print(why)
+                    _SKIPPED.append({"estimator": name, "seq_len": N, "path": path, "why": why})
                     continue
             spec = {"estimator": name, "seq_len": N, "batch": 1, "path": path, **common}
             rows += _run([spec], f"scaling {path} B·T={N}", args.timeout)
@@ -339,6 +408,9 @@ def markdown(kernel_rows, hidden_rows, table, args) -> str:
                     ]
                 )
             )
+    if _SKIPPED:
+        out += ["", "Not measured (extrapolated where two smaller sizes were measured):", ""]
+        out += [f"- {skip['why']}" for skip in _SKIPPED]
     return "\n".join(out) + "\n"
 
 
@@ -355,11 +427,42 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--train-head", action="store_true", help="the student's head gets grad")
     ap.add_argument("--margin-gib", type=float, default=4.0, help="memory left to others")
+    ap.add_argument(
+        "--max-gib",
+        type=float,
+        default=24.0,
+        help="memory the benchmark may use (the logits path runs only where it fits)",
+    )
+    ap.add_argument(
+        "--no-warmup-hidden",
+        action="store_true",
+        help="sections 2 and 3: time the first step, no warm-up step (seconds-long steps)",
+    )
+    ap.add_argument(
+        "--issue",
+        action="store_true",
+        help="the issue's measurement (see the docstring): overrides vocab, hidden size, sizes, "
+        "estimators, repeats, threads, device, head, memory cap and warm-up",
+    )
+    ap.add_argument("--out-dir", help="write hidden_cost.json, rows.csv, scaling.csv, .md here")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-hidden", action="store_true")
     ap.add_argument("--md", help="also write the tables as Markdown here")
+    ap.add_argument(
+        "--journal",
+        help="JSON-lines file: each row is appended as measured, and a rerun with the same file "
+        "reuses the rows it holds (a long run on a shared machine can be resumed)",
+    )
     args = ap.parse_args()
+    if args.issue:
+        args.vocab, args.hidden_size, args.kernel_tokens = QWEN3_VOCAB, 2048, 512
+        args.sizes, args.estimators, args.scale_estimator = [512, 2048, 8192], [*ESTIMATORS], "vopd"
+        args.repeats, args.threads, args.device, args.train_head = 3, 2, "cpu", False
+        args.max_gib, args.no_warmup_hidden = 24.0, True
+        args.skip_kernels = args.skip_hidden = False
+    global _JOURNAL
+    _JOURNAL = args.journal
     unknown = [n for n in [*args.estimators, args.scale_estimator] if n not in ESTIMATORS]
     if unknown:
         raise SystemExit(f"unknown estimator(s) {unknown}: expected names from {list(ESTIMATORS)}")
@@ -373,20 +476,42 @@ def main() -> None:
         scale_rows, table, v = scaling(args, hidden_rows)
         hidden_rows += [r for r in scale_rows if r not in hidden_rows]
         verdicts += v
+    if _SKIPPED:
+        print("\nNot measured (extrapolated where two smaller sizes were measured):")
+        for skip in _SKIPPED:
+            print(f"  {skip['why']}")
+    md = markdown(kernel_rows, hidden_rows, table, args)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(markdown(kernel_rows, hidden_rows, table, args))
-    print(
-        json.dumps(
-            {
-                "benchmark": "hidden_cost",
-                "args": vars(args),
-                "verdicts": verdicts,
-                "scaling": table,
-                "rows": kernel_rows + hidden_rows,
-            }
-        )
-    )
+            f.write(md)
+    result = {
+        "benchmark": "hidden_cost",
+        "args": vars(args),
+        "verdicts": verdicts,
+        "scaling": table,
+        "skipped": _SKIPPED,
+        "rows": kernel_rows + hidden_rows,
+    }
+    if args.out_dir:
+        _write_outputs(args.out_dir, result, md)
+    print(json.dumps(result))
+
+
+def _write_outputs(out_dir: str, result: dict, md: str) -> None:
+    """hidden_cost.json (everything), rows.csv (one line per variant), scaling.csv, .md."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "hidden_cost.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "hidden_cost.md"), "w") as f:
+        f.write(md)
+    for name, rows in (("rows.csv", result["rows"]), ("scaling.csv", result["scaling"])):
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(os.path.join(out_dir, name), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":

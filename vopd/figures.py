@@ -38,6 +38,7 @@ from vopd.report import (
     cost_summary,
     estimator_order,
     load,
+    own_cost,
     parse_options,
     per_seed_accuracy,
     probe_ratios,
@@ -227,8 +228,7 @@ def variance_ratio(results_dir: Path, args):
 def cost(results_dir: Path, args):
     ref = reference_cost_estimator(results_dir, args.reference_estimator)
     agg, _ = cost_summary(load(results_dir, "profile"), ref)
-    if "mode" in agg.columns and (agg["mode"] == "loss").any():
-        agg = agg[agg["mode"] == "loss"]  # the estimator's own cost; train_step is in the table
+    agg = own_cost(agg)  # the estimator's own cost; train_step and the hidden path: the table
     agg = agg[agg["seq_len"] == agg["seq_len"].max()]
     agg = agg[agg["batch"] == agg["batch"].min()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))

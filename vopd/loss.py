@@ -11,7 +11,6 @@ estimator (``vopd.estimators.row_stats``: chunked, no [B,T,V] log-softmax is mat
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -21,7 +20,7 @@ from vopd import is_correction, policy
 from vopd.batch import RolloutBatch, completion_hidden, completion_logits
 from vopd.config import TrainConfig
 from vopd.estimators import ESTIMATORS, hidden_loss, row_stats
-from vopd.estimators.hidden import hidden_row_stats
+from vopd.estimators.hidden import hidden_row_stats, merge_metrics
 
 
 def estimator_loss(
@@ -136,7 +135,7 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
         logp_parts.append(logp_BT)
     dist.all_reduce_grads(student.parameters())
     out["loss"] = dist.global_sum(out["loss"], device)
-    local = _merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
+    local = merge_metrics(parts)  # the estimator's own (adv_mean, adv_std, ...)
     if batch.sampler_logp_BT is not None:  # the train/inference mismatch (vopd.is_correction)
         local |= is_correction.mismatch_metrics(
             torch.cat(logp_parts), batch.sampler_logp_BT, batch.mask_BT, cap=cfg.is_cap
@@ -145,18 +144,3 @@ def train_step(cfg: TrainConfig, student, teacher, batch: RolloutBatch, V: int, 
     # kl_mean / entropy / reward_mean: one definition for every estimator, over all ranks
     out.update({k: dist.global_sum(v, device) / n_tok for k, v in sums.items()})
     return out
-
-
-def _merge_metrics(parts: list[tuple[float, dict]]) -> dict:
-    """Token-weighted means of per-micro-batch metrics; ``x_std`` pooled with ``x_mean``."""
-    total = sum(w for w, _ in parts) or 1.0
-    merged = {}
-    for key in parts[0][1]:
-        if key.endswith("_std"):
-            mean_key = key[:-4] + "_mean"
-            mean = sum(w * m[mean_key] for w, m in parts) / total
-            second = sum(w * (m[key] ** 2 + m[mean_key] ** 2) for w, m in parts) / total
-            merged[key] = math.sqrt(max(second - mean**2, 0.0))
-        else:
-            merged[key] = sum(w * m[key] for w, m in parts) / total
-    return merged

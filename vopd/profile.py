@@ -11,6 +11,12 @@ Modes:
 - ``loss``: one loss + backward on random [B, T, V] logits (no model): the estimator's own cost.
   ``naive_vopd`` (``--naive``) is the reference the official code resembles
   (opd_trainer.py:127-138): two full [B, T, V] log-softmax tensors held by autograd.
+- ``hidden``: ``loss`` from random [B, T, H] hidden states and [V, H] heads (``--hidden-size``,
+  default the toy model's 128), on both paths (``--path``, default ``logits hidden``): the
+  logits h @ W.T of both models materialised and the estimator run on them, and
+  ``vopd.estimators.hidden.hidden_loss`` (the trainer's ``loss_from_hidden``), which never holds
+  [B, T, V] logits. Rows carry ``mode`` hidden, ``path`` and ``hidden_size``; the report's cost
+  table compares the two paths (``vopd.report.cost_summary``).
 - ``train_step``: one optimizer step of the OPD loop with the rollout excluded (it is the same for
   every estimator): student forward with grad, teacher forward without, loss, backward, grad-norm
   clip (1.0, the HF default the official run uses) and AdamW step, each segment timed. The models
@@ -50,7 +56,7 @@ NAIVE = "naive_vopd"
 # tensors and one write of a gradient-sized tensor, freshly allocated (as every estimator's
 # backward allocates its gradient; page faults included) or written into an existing buffer.
 FLOOR, FLOOR_PREALLOC = "floor", "floor_prealloc"
-MODES = ("loss", "train_step")
+MODES = ("loss", "hidden", "train_step")
 # the loss on [B,T,V] logits, or from hidden states (vopd.estimators.hidden)
 PATHS = ("logits", "hidden")
 TOY_VOCAB = 27  # vopd.toy tokenizer: 23 characters + <pad> <bos> <eos> <unk>
@@ -65,6 +71,7 @@ TOY_ARCH = {
 }
 DEFAULTS = {  # modest sweeps that finish in minutes on 2 CPU cores (see the module docstring)
     "loss": {"vocab": f"{TOY_VOCAB},32000,151936", "seq_len": "256", "batch": "2"},
+    "hidden": {"vocab": f"{TOY_VOCAB},32000", "seq_len": "256", "batch": "2"},
     "train_step": {"vocab": f"{TOY_VOCAB},32000,151936", "seq_len": "32", "batch": "16"},
 }
 _MIN_TIMING_S = 0.05
@@ -151,9 +158,19 @@ class _Meter:
             self.torch.cuda.synchronize()
 
 
-def _best_time(step, meter: _Meter, repeats: int) -> tuple[float, float, int]:
+def _best_time(step, meter: _Meter, repeats: int, warmup: bool = True) -> tuple[float, float, int]:
     """(best, median) seconds per step over ``repeats`` timings, each the mean of ``inner``
-    back-to-back steps, ``inner`` chosen from the warm-up so one timing lasts >= 50 ms."""
+    back-to-back steps, ``inner`` chosen from the warm-up so one timing lasts >= 50 ms.
+    ``warmup=False`` (steps of seconds, where one more step costs more than it teaches):
+    the first step is the first timing, one step per timing."""
+    if not warmup:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            meter.sync()
+            times.append(time.perf_counter() - t0)
+        return min(times), sorted(times)[len(times) // 2], 1
     t0 = time.perf_counter()
     step()  # warm-up: allocator and kernel caches
     meter.sync()
@@ -198,12 +215,14 @@ def measure_one(
     path="logits",
     hidden_size=None,
     head_grad=False,
+    warmup=True,
 ) -> dict:
     """Time and peak memory of one loss + backward, in this process: on random [B, T, V] logits
     (``hidden_size`` None), or with ``hidden_size`` H on random [B, T, H] hidden states and
     [V, H] heads, by ``path``: ``logits`` materialises h @ W.T for both models (the student's
     with grad) and runs the estimator; ``hidden`` runs ``vopd.estimators.hidden.hidden_loss``.
-    Gradients reach the student's hidden states, and its head when ``head_grad``."""
+    Gradients reach the student's hidden states, and its head when ``head_grad``. ``warmup``
+    False: no warm-up step (``_best_time``; the row's ``warmup`` says which)."""
     import torch
 
     if threads:
@@ -227,7 +246,7 @@ def measure_one(
         step = _logits_step(estimator, vocab_size, batch, seq_len, dt, dev, top_k, tokens, mask)
     inputs = meter.now()
     meter.reset_peak()
-    best, median, inner = _best_time(step, meter, repeats)
+    best, median, inner = _best_time(step, meter, repeats, warmup)
     peak = meter.peak()
     return {
         "mode": "loss",
@@ -242,6 +261,7 @@ def measure_one(
         "step_s": best,
         "step_s_median": median,
         "inner_steps": inner,
+        "warmup": bool(warmup),
         "peak_mem_bytes": int(peak),
         "base_bytes": int(base),
         "input_bytes": int(inputs - base),
@@ -498,8 +518,9 @@ def _run_variant(spec: dict, conn) -> None:
     """Child side: measure one variant and send its row (or the error) back."""
     try:
         spec = dict(spec)
-        measure = measure_train_step if spec.pop("mode", "loss") == "train_step" else measure_one
-        conn.send(("ok", measure(**spec)))
+        mode = spec.pop("mode", "loss")
+        row = (measure_train_step if mode == "train_step" else measure_one)(**spec)
+        conn.send(("ok", row | {"mode": mode}))
     except BaseException as e:  # every failure becomes a recorded row
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
@@ -596,7 +617,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--floor", action="store_true", help="loss mode: also the memory-traffic floors"
     )
-    ap.add_argument("--path", nargs="+", default=["logits"], help="logits, hidden, or both")
+    ap.add_argument(
+        "--path", nargs="+", help="logits, hidden, or both (default: logits; hidden mode: both)"
+    )
     ap.add_argument(
         "--hidden-size",
         type=int,
@@ -629,7 +652,10 @@ def main(argv: list[str] | None = None) -> None:
         and not os.path.isfile(os.path.join(args.model_config, "config.json"))
     ):
         raise SystemExit(f"--model-config {args.model_config!r}: no config.json there")
-    paths = list(dict.fromkeys(_items(args.path)))
+    default_paths = ["logits", "hidden"] if args.mode == "hidden" else ["logits"]
+    paths = list(dict.fromkeys(_items(args.path or default_paths)))
+    if args.mode == "hidden":
+        args.hidden_size = args.hidden_size or TOY_ARCH["hidden_size"]
     if any(p not in PATHS for p in paths):
         raise SystemExit(f"--path {args.path}: expected names from {list(PATHS)}")
     if args.mode == "loss" and "hidden" in paths and not args.hidden_size:
@@ -639,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
     seq_len = _ints(args.seq_len or d["seq_len"], "--seq-len", 1)
     batch = _ints(args.batch or d["batch"], "--batch", 1)
     names += [NAIVE] if args.naive else []
-    if args.mode == "loss" and args.hidden_size:
+    if args.mode in ("loss", "hidden") and args.hidden_size:
         common_h = {"hidden_size": args.hidden_size, "head_grad": args.train_head}
         names = [n for n in names if n != NAIVE]  # the naive reference takes logits
     else:

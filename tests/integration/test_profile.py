@@ -113,3 +113,18 @@ def test_both_paths_from_hidden_states(tmp_path):
     row = pd.read_parquet(out).iloc[0]
     assert row.status == "ok" and row.path == "hidden"
     assert row.student_forwards_per_step == row.teacher_forwards_per_step == 1.0
+
+
+def test_hidden_mode_measures_both_paths(tmp_path):
+    """--mode hidden: every estimator on both paths from the same hidden states and heads
+    (--hidden-size defaults to the toy model's 128), rows marked mode hidden; no naive row."""
+    out = tmp_path / "hidden.parquet"
+    main(["--mode", "hidden", "--out", str(out), "--vocab", "300", "--seq-len", "8", "--batch",
+          "2", "--estimators", "sample_opd", "vopd", "--naive", "--repeats", "1", "--threads",
+          "1", "--device", "cpu"])  # fmt: skip
+    df = pd.read_parquet(out)
+    assert set(df.status) == {"ok"} and (df["mode"] == "hidden").all()
+    assert sorted(zip(df.estimator, df.path, strict=True)) == [
+        ("sample_opd", "hidden"), ("sample_opd", "logits"), ("vopd", "hidden"), ("vopd", "logits")
+    ]  # fmt: skip
+    assert set(df.hidden_size) == {128} and set(CONTRACT) <= set(df.columns)

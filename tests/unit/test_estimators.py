@@ -400,22 +400,7 @@ class _LargeAllocations(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the autograd backward of topk_opd's [B,T,K] gather allocates a [B,T,V] "
-                "zeros tensor and an out-of-place scatter_add result: two gradient-sized tensors",
-            ),
-        )
-        if n == "topk_opd"
-        else n
-        for n in ESTIMATORS
-    ],
-)
+@pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_no_tensor_of_the_logits_size_beyond_the_gradient(name, dtype):
     """Memory discipline: loss and backward (rows chunked) allocate exactly one tensor of at
     least half the logits' size, and it is the returned gradient: no [B,T,V] log-softmax,

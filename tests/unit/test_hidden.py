@@ -20,12 +20,14 @@ from vopd.estimators.hidden import causal_lm_head, check_head, decoder_hidden
 D = torch.float64
 NAMES = list(ESTIMATORS)  # the registry, whatever it holds: nothing pinned here
 
-# Values tried for each option an estimator reads (ESTIMATOR_OPTIONS); an option not listed here
-# (a future one) runs at its default.
+# Values tried for each option an estimator reads (ESTIMATOR_OPTIONS): every option of the
+# catalog but normalize (parametrised separately) must be here (test_every_option_is_tried).
 OPTION_VALUES = {
     "top_k": [1, 3],
     "reward_clip_lambda": [None, 0.3],
     "detach_reward": [True, False],
+    "clamp": [None, 0.5],  # k3's value clamped to [-0.5, 0.5]: bites on these logits
+    "advantage": [-1.0, 0.7],  # const_adv's c
 }
 
 
@@ -99,6 +101,12 @@ def test_equals_logits_path_float64(name, opts, mask_kind, normalize):
         )
         assert ours[0].dtype == D
         assert_same(ours, ref)
+
+
+def test_every_option_is_tried():
+    """No estimator option runs only at its default in the float64 equality test."""
+    read = set().union(*(ESTIMATOR_OPTIONS.get(n, ()) for n in NAMES)) - {"normalize"}
+    assert read <= set(OPTION_VALUES), sorted(read - set(OPTION_VALUES))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -294,6 +302,46 @@ def test_causal_lm_head_is_the_plain_projection():
         torch.testing.assert_close(decoder_hidden(model, input_ids=ids) @ head.T, logits)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen3_head_tied_or_not(tied):
+    """Qwen3 (bias-free lm_head, tied to the embeddings in the 0.6B/1.7B checkpoints): the head
+    passes both checks, and the loss from its hidden states equals the loss on its own logits,
+    gradients into every parameter included (the tied embedding gets both contributions)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      tie_word_embeddings=tied)  # fmt: skip
+    model = Qwen3ForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(2))
+    head = causal_lm_head(model, rows=30)
+    assert (head.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    check_head(model, ids)
+    y, mask = ids[:, 1:].clamp(max=29), MASKS["bool"]
+    with torch.no_grad():
+        teacher = model(input_ids=ids[:, :-1]).logits[..., :30]
+    grads = []
+    for path in ("logits", "hidden"):
+        model.zero_grad(set_to_none=True)
+        if path == "logits":
+            z = model(input_ids=ids[:, :-1]).logits[..., :30]
+            loss, _ = ESTIMATORS["vopd"](z, teacher + 0.3, y, mask)
+        else:
+            h = decoder_hidden(model, input_ids=ids[:, :-1])
+            with torch.no_grad():  # the teacher: the same model's logits shifted by 0.3
+                g = torch.cat([decoder_hidden(model, input_ids=ids[:, :-1]),
+                               torch.ones(2, 5, 1, dtype=D)], -1)  # fmt: skip
+                W_t = torch.cat([head, torch.full((30, 1), 0.3, dtype=D)], -1)
+            loss, _ = hidden_loss("vopd", h, causal_lm_head(model, 30), g, W_t, y, mask)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    for n, x in g0.items():
+        torch.testing.assert_close(g1[n], x, rtol=1e-9, atol=1e-12, msg=n)
+
+
 def test_unsupported_heads_are_rejected():
     model = _tiny_llama()
     model.lm_head = torch.nn.Linear(16, 37, bias=True)
@@ -315,6 +363,46 @@ def test_unsupported_heads_are_rejected():
     causal_lm_head(model)  # passes the static checks
     with pytest.raises(ValueError, match="not a plain projection"):
         check_head(model, torch.randint(0, 37, (1, 5)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_head_rows_are_dropped(name):
+    """Heads padded past the shared vocabulary V (student 40 rows, teacher 37, V = 30, as
+    Qwen3 heads are padded past the tokenizer): hidden_loss on causal_lm_head(model, V) equals
+    the estimator on the models' own logits sliced to V (vopd.batch.completion_logits), in
+    float64; the padded head rows get exactly zero gradient on both paths."""
+    V = 30
+    student = _tiny_llama(V=40).double()
+    teacher = _tiny_llama(V=37, H=24).double()
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, V, (2, 6), generator=g)
+    y, mask = ids[:, 1:], MASKS["weights"].to(D)
+    grads = []
+    for path in ("logits", "hidden"):
+        student.zero_grad(set_to_none=True)
+        if path == "logits":
+            z = student(input_ids=ids[:, :-1]).logits[..., :V]
+            with torch.no_grad():
+                u = teacher(input_ids=ids[:, :-1]).logits[..., :V]
+            loss, metrics = ESTIMATORS[name](z, u, y, mask, top_k=3)
+        else:
+            h = decoder_hidden(student, input_ids=ids[:, :-1])
+            with torch.no_grad():
+                ht = decoder_hidden(teacher, input_ids=ids[:, :-1])
+            loss, metrics = hidden_loss(name, h, causal_lm_head(student, V), ht,
+                                        causal_lm_head(teacher, V), y, mask, top_k=3,
+                                        chunk_rows=4)  # fmt: skip
+        loss.backward()
+        grads.append((loss.detach(), metrics, {n: p.grad for n, p in student.named_parameters()}))
+    (l0, m0, g0), (l1, m1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    assert set(m1) == set(m0)
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-8, abs=1e-12), k
+    for n, x in g0.items():
+        torch.testing.assert_close(g1[n], x, rtol=1e-9, atol=1e-12, msg=n)
+    head = g1["lm_head.weight"]
+    assert head.shape == (40, 16) and head[V:].abs().max() == 0
 
 
 def test_hidden_row_stats_equal_row_stats_on_logits():

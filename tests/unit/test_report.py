@@ -264,6 +264,41 @@ def test_cost_table_best_time_and_ratios():
     assert "| full_opd | 0.300 s (3.000x), 3 MiB (3.000x) |" in md
 
 
+def test_cost_table_shows_both_paths():
+    """Rows of ``python -m vopd.profile --mode hidden`` (path logits / hidden) next to rows of
+    mode loss without the columns: three tables, and the hidden path's ratios to the logits
+    path of the same estimator and configuration."""
+    old = profile_frame()
+    hidden = pd.DataFrame(
+        {
+            "estimator": ["sample_opd", "vopd"] * 2,
+            "vocab_size": [1000] * 4,
+            "seq_len": [64] * 4,
+            "batch": [2] * 4,
+            "step_s": [0.10, 0.20, 0.12, 0.30],
+            "peak_mem_bytes": [4 * 2**20, 6 * 2**20, 2 * 2**20, 3 * 2**20],
+            "above_inputs_bytes": [2 * 2**20, 4 * 2**20, 2**19, 2**19],
+            "device": ["cpu"] * 4,
+            "mode": ["hidden"] * 4,
+            "path": ["logits", "logits", "hidden", "hidden"],
+            "hidden_size": [16] * 4,
+            "status": ["ok"] * 4,
+        }
+    )
+    csv, md = report.cost_table(pd.concat([old, hidden], ignore_index=True))
+    assert md.count("**device = cpu") == 3
+    assert "mode = hidden, path = hidden, hidden_size = 16" in md
+    assert "mode = loss, path = logits, hidden_size = 0" in md
+    got = csv[csv["path"] == "hidden"].set_index("estimator")
+    assert got.loc["vopd", "time_vs_logits"] == pytest.approx(1.5)
+    assert got.loc["vopd", "mem_vs_logits"] == pytest.approx(0.125)
+    assert got.loc["vopd", "time_ratio"] == pytest.approx(2.5)  # vs sample_opd, hidden path
+    assert csv[csv["path"] == "logits"]["time_vs_logits"].isna().all()
+    assert "vs logits path 1.500x time, 0.125x memory above inputs" in md
+    old_rows = csv[csv["mode"] == "loss"].set_index("estimator")
+    assert old_rows.loc["full_opd", "time_ratio"] == pytest.approx(3.0)  # as without the rest
+
+
 # ---- CLI: files on disk -----------------------------------------------------------------------
 
 

@@ -44,9 +44,12 @@ inputs) whatever the input dtype.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -58,7 +61,7 @@ from vopd.catalog import DEFAULT_TOP_K, NORMALIZE  # noqa: F401  (re-exported)
 # L2/L3 cache, so every op after the first re-reads them from cache, not from DRAM; on a GPU the
 # chunks are larger so that kernel launches are amortised. Either way no [B,T,V] temporary exists.
 _CHUNK_ELEMENTS = 1 << 24  # GPU: 64 MiB of float32 per buffer
-_CPU_CHUNK_ELEMENTS = 1 << 20  # CPU: 4 MiB of float32 per buffer, rows rounded up to threads
+_CPU_CHUNK_ELEMENTS = 1 << 19  # CPU: 2 MiB of float32 per buffer (3 rows at V = 151,936)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,21 +71,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk_rows(V: int, chunk_rows: int | None, device: torch.device | None = None) -> int:
     if chunk_rows is None:
-        if device is not None and torch.device(device).type != "cpu":
-            return max(1, _CHUNK_ELEMENTS // V)
-        threads = torch.get_num_threads()  # the row kernels split a chunk's rows over threads
-        return -(-max(1, _CPU_CHUNK_ELEMENTS // V) // threads) * threads
+        cpu = device is None or torch.device(device).type == "cpu"
+        return max(1, (_CPU_CHUNK_ELEMENTS if cpu else _CHUNK_ELEMENTS) // V)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive row count or None")
     return chunk_rows
 
 
 class _Chunks:
-    """Row chunks of [N, V] tensors with reusable work buffers: one allocation per call, not per
-    chunk (with glibc's mmap threshold low, a fresh buffer per chunk costs its page faults).
+    """Row chunks of [N, V] tensors with reusable work buffers: one allocation per call (and
+    worker), not per chunk (with glibc's mmap threshold low, a fresh buffer per chunk costs its
+    page faults).
 
-    ``acc(i, x_rV)`` is ``x_rV`` itself when it already has the accumulation dtype, else its
-    cast into work buffer i; ``buf(i, r)`` is work buffer i's first r rows."""
+    ``map(body)`` runs ``body(sl, work)`` for every chunk ``sl``; ``work.acc(i, x_rV)`` is
+    ``x_rV`` itself when it already has the accumulation dtype, else its cast into work buffer
+    i; ``work.buf(i, r)`` is work buffer i's first r rows. Chunks are independent row ranges, so
+    on CPU with T > 1 torch threads, T Python workers take chunks from one queue and run each
+    with one torch thread (ops release the GIL): no fork/join of the thread pool per op, and a
+    worker the OS deschedules on a busy machine holds up only its own chunk."""
 
     def __init__(self, N: int, V: int, chunk_rows: int | None, like: Tensor, acc: torch.dtype):
         self.N, self.V, self.acc_dtype, self.device = N, V, acc, like.device
@@ -100,6 +106,35 @@ class _Chunks:
 
     def acc(self, i: int, x_rV: Tensor) -> Tensor:
         return x_rV if x_rV.dtype == self.acc_dtype else self.buf(i, x_rV.shape[0]).copy_(x_rV)
+
+    def map(self, body) -> None:
+        slices = list(self)
+        workers = min(len(slices), torch.get_num_threads()) if self.device.type == "cpu" else 1
+        if workers <= 1:
+            for sl in slices:
+                body(sl, self)
+            return
+        queue, lock = iter(slices), threading.Lock()
+
+        def work() -> None:
+            own = copy.copy(self)
+            own._bufs = {}
+            with torch.no_grad():  # grad mode is per thread: the callers run without grad
+                while True:
+                    with lock:
+                        sl = next(queue, None)
+                    if sl is None:
+                        return
+                    body(sl, own)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # new threads start with the global count: one each
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for job in [pool.submit(work) for _ in range(workers)]:
+                    job.result()
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _lse_(x_rV: Tensor, work_rV: Tensor, *, softmax: bool) -> Tensor:
@@ -148,11 +183,11 @@ def row_stats(
     names += ["b_opt"] if opt_baseline else []
     out = {k: student_NV.new_empty(N, dtype=acc) for k in names}
     need_p = "kl" in out or entropy
-    chunks = _Chunks(N, V, chunk_rows, student_NV, acc)
-    for sl in chunks:
-        s, t, y = chunks.acc(0, student_NV[sl]), chunks.acc(1, teacher_NV[sl]), tokens_N[sl, None]
+
+    def body(sl: slice, w: _Chunks) -> None:
+        s, t, y = w.acc(0, student_NV[sl]), w.acc(1, teacher_NV[sl]), tokens_N[sl, None]
         r = s.shape[0]
-        p, work = chunks.buf(2, r), chunks.buf(3, r)  # p: softmax (or log-softmax) of s
+        p, work = w.buf(2, r), w.buf(3, r)  # p: softmax (or log-softmax) of s
         lse_q = _lse_(t, work, softmax=False)
         out["lse_q"][sl] = lse_q
         out["logq_y"][sl] = t.gather(-1, y)[:, 0] - lse_q
@@ -162,7 +197,7 @@ def row_stats(
         if entropy:
             out["entropy"][sl] = lse_p - torch.mul(p, s, out=work).sum(-1)
         if "kl" not in out:
-            continue
+            return
         pd = torch.sub(s, t, out=work).mul_(p)  # p·d
         kl_rows = pd.sum(-1) - lse_p + lse_q
         out["kl"][sl] = kl_rows
@@ -172,6 +207,8 @@ def row_stats(
             sum_p2_r = sum_p2 * (lse_p - lse_q) - sum_p2_d  # Σ p² r, r = −d − lse_q + lse_p
             num, den = -(1.0 + sum_p2) * kl_rows - 2.0 * sum_p2_r, 1.0 - sum_p2
             out["b_opt"][sl] = torch.where(den > 1e-12, num / den.clamp_min(1e-12), -kl_rows)
+
+    _Chunks(N, V, chunk_rows, student_NV, acc).map(body)
     return out
 
 
@@ -179,10 +216,12 @@ def row_stats(
 def topk_ids(student_NV: Tensor, k: int, *, chunk_rows: int | None = None) -> Tensor:
     """The student's top-k vocabulary ids per row, [N, K] (no grad: the support is detached)."""
     N, V = student_NV.shape
-    rows = _chunk_rows(V, chunk_rows, student_NV.device)
     ids = torch.empty(N, k, dtype=torch.long, device=student_NV.device)
-    for a in range(0, N, rows):
-        ids[a : a + rows] = student_NV[a : a + rows].topk(k, dim=-1, sorted=False).indices
+
+    def body(sl: slice, _) -> None:
+        ids[sl] = student_NV[sl].topk(k, dim=-1, sorted=False).indices
+
+    _Chunks(N, V, chunk_rows, student_NV, student_NV.dtype).map(body)
     return ids
 
 
@@ -215,18 +254,20 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_N):
         logits_NV, tokens_N, lse_N = ctx.saved_tensors
         N, V = logits_NV.shape
-        chunks = _Chunks(N, V, ctx.chunk_rows, logits_NV, lse_N.dtype)
         grad_NV = torch.empty_like(logits_NV)
         skip = grad_NV.device.type == "cpu"  # skipping all-zero chunks needs a host sync
-        for sl in chunks:
+
+        def body(sl: slice, w: _Chunks) -> None:
             g = grad_N[sl, None].to(lse_N.dtype)
             if skip and not g.any():  # masked rows only: gradient 0
                 grad_NV[sl].zero_()
-                continue
-            out = _write_grad(chunks, grad_NV, sl, g.shape[0])
-            torch.softmax(chunks.acc(0, logits_NV[sl]), -1, out=out).mul_(-g)
+                return
+            out = _write_grad(w, grad_NV, sl, g.shape[0])
+            torch.softmax(w.acc(0, logits_NV[sl]), -1, out=out).mul_(-g)
             out.scatter_add_(-1, tokens_N[sl, None], g)
             _flush(grad_NV, sl, out)
+
+        _Chunks(N, V, ctx.chunk_rows, logits_NV, lse_N.dtype).map(body)
         return grad_NV, None, None, None
 
 
@@ -247,17 +288,19 @@ class _ReverseKL(torch.autograd.Function):
     def backward(ctx, grad_N):
         student_NV, teacher_NV, kl_N, lse_p, lse_q = ctx.saved_tensors
         N, V = student_NV.shape
-        chunks = _Chunks(N, V, ctx.chunk_rows, student_NV, kl_N.dtype)
         g_N = grad_N.to(kl_N.dtype)
         neg_gc_N = -(lse_p - lse_q + kl_N) * g_N
         grad_NV = torch.empty_like(student_NV)
-        for sl in chunks:
-            s, t = chunks.acc(0, student_NV[sl]), chunks.acc(1, teacher_NV[sl])
-            out = _write_grad(chunks, grad_NV, sl, s.shape[0])
+
+        def body(sl: slice, w: _Chunks) -> None:
+            s, t = w.acc(0, student_NV[sl]), w.acc(1, teacher_NV[sl])
+            out = _write_grad(w, grad_NV, sl, s.shape[0])
             torch.softmax(s, -1, out=out)  # p
-            d = torch.sub(s, t, out=chunks.buf(2, s.shape[0]))
+            d = torch.sub(s, t, out=w.buf(2, s.shape[0]))
             torch.addcmul(neg_gc_N[sl, None], d, g_N[sl, None], out=d)  # g (d − c)
             _flush(grad_NV, sl, out.mul_(d))
+
+        _Chunks(N, V, ctx.chunk_rows, student_NV, kl_N.dtype).map(body)
         return grad_NV, None, None
 
 
@@ -274,11 +317,14 @@ def token_logprobs(
 @torch.no_grad()
 def _lse(logits_NV: Tensor, chunk_rows: int | None) -> Tensor:
     N, V = logits_NV.shape
-    chunks = _Chunks(N, V, chunk_rows, logits_NV, acc_dtype(logits_NV.dtype))
-    lse_N = logits_NV.new_empty(N, dtype=chunks.acc_dtype)
-    for sl in chunks:
-        x = chunks.acc(0, logits_NV[sl])
-        lse_N[sl] = _lse_(x, chunks.buf(1, x.shape[0]), softmax=False)
+    acc = acc_dtype(logits_NV.dtype)
+    lse_N = logits_NV.new_empty(N, dtype=acc)
+
+    def body(sl: slice, w: _Chunks) -> None:
+        x = w.acc(0, logits_NV[sl])
+        lse_N[sl] = _lse_(x, w.buf(1, x.shape[0]), softmax=False)
+
+    _Chunks(N, V, chunk_rows, logits_NV, acc).map(body)
     return lse_N
 
 
@@ -292,6 +338,27 @@ def reverse_kl_full(
         student_BTV.reshape(B * T, V), teacher_BTV.detach().reshape(B * T, V), chunk_rows
     )
     return kl_N.view(B, T)
+
+
+class _Gather(torch.autograd.Function):
+    """x[..., ids] along the last dim; backward scatters into one zero gradient in place
+    (autograd's own gather backward makes a zeros tensor and an out-of-place scatter_add
+    result: two logits-sized tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, ids):
+        ctx.save_for_backward(ids)
+        ctx.like = (x.shape, x.dtype, x.device)
+        return x.gather(-1, ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device).scatter_add_(
+            -1, ids, grad.to(dtype)
+        ), None
 
 
 def reverse_kl_topk(
@@ -310,7 +377,7 @@ def reverse_kl_topk(
     if ids_BTK is None:
         ids_BTK = topk_ids(student_BTV.reshape(B * T, V), k, chunk_rows=chunk_rows).view(B, T, k)
     acc = acc_dtype(student_BTV.dtype)
-    logp_BTK = torch.log_softmax(student_BTV.gather(-1, ids_BTK).to(acc), -1)
+    logp_BTK = torch.log_softmax(_Gather.apply(student_BTV, ids_BTK).to(acc), -1)
     logq_BTK = torch.log_softmax(teacher_BTV.detach().gather(-1, ids_BTK).to(acc), -1)
     return (logp_BTK.exp() * (logp_BTK - logq_BTK)).sum(-1)
 
@@ -525,17 +592,17 @@ class _WeightedLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         logits_NV, ids_NK, c_NK, lse_N = ctx.saved_tensors
-        rows = _chunk_rows(logits_NV.shape[1], ctx.chunk_rows)
+        N, V = logits_NV.shape
         grad_NV = torch.empty_like(logits_NV)
-        for a in range(0, logits_NV.shape[0], rows):
-            sl = slice(a, a + rows)
-            g = grad_N[sl, None].to(lse_N.dtype)
-            c = c_NK[sl] * g
-            chunk = torch.exp(logits_NV[sl].to(lse_N.dtype) - lse_N[sl, None]).mul_(
-                -c.sum(-1, keepdim=True)
-            )
-            chunk.scatter_add_(-1, ids_NK[sl], c)
-            grad_NV[sl] = chunk
+
+        def body(sl: slice, w: _Chunks) -> None:  # as _SelectiveLogSoftmax: one fused softmax
+            c = c_NK[sl] * grad_N[sl, None].to(lse_N.dtype)
+            out = _write_grad(w, grad_NV, sl, c.shape[0])
+            torch.softmax(w.acc(0, logits_NV[sl]), -1, out=out).mul_(-c.sum(-1, keepdim=True))
+            out.scatter_add_(-1, ids_NK[sl], c)
+            _flush(grad_NV, sl, out)
+
+        _Chunks(N, V, ctx.chunk_rows, logits_NV, lse_N.dtype).map(body)
         return grad_NV, None, None, None, None
 
 

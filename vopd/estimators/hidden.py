@@ -306,16 +306,17 @@ def _attach(loss, hidden_BTH, head_VH, grad_h_NH, grad_w_VH) -> Tensor:
 
 def merge_metrics(parts: list[tuple[float, dict]]) -> dict:
     """Weighted means of per-part metrics (weights: the parts' mask sums); ``x_std`` is pooled
-    with ``x_mean``: std² = Σ w (std_c² + mean_c²) / Σ w − mean² (as ``vopd.loss`` merges
-    micro-batches)."""
+    with ``x_mean``: std² = Σ w (std_c² + (mean_c − mean)²) / Σ w, the same pooled variance as
+    ``vopd.loss``'s Σ w (std_c² + mean_c²) / Σ w − mean² without its cancellation (a constant
+    x of 0.7 gave std 7e-9 instead of 0 in float64)."""
     total = sum(w for w, _ in parts) or 1.0
     merged = {}
     for key in parts[0][1]:
         mean_key = key[:-4] + "_mean"
         if key.endswith("_std") and mean_key in parts[0][1]:
             mean = sum(w * m[mean_key] for w, m in parts) / total
-            second = sum(w * (m[key] ** 2 + m[mean_key] ** 2) for w, m in parts) / total
-            merged[key] = math.sqrt(max(second - mean**2, 0.0))
+            var = sum(w * (m[key] ** 2 + (m[mean_key] - mean) ** 2) for w, m in parts) / total
+            merged[key] = math.sqrt(var)
         else:
             merged[key] = sum(w * m[key] for w, m in parts) / total
     return merged

@@ -553,23 +553,61 @@ def variance_table(var, reference_estimator="sample_opd"):
 # ---- cost -----------------------------------------------------------------------------------
 
 
+# Settings that make two profile rows different measurements (python -m vopd.profile's extras),
+# with the value a row without the column had: the loss on materialised logits.
+PROFILE_SETTINGS = {
+    "mode": "loss",
+    "dtype": "float32",
+    "path": "logits",
+    "hidden_size": 0,
+    "head_grad": False,
+}
+
+
 def cost_summary(prof: pd.DataFrame, reference_estimator="sample_opd") -> pd.DataFrame:
     """Best (min) time and largest peak memory per configuration, with ratios to the reference
-    estimator in the same (device, extra settings, V, T, batch)."""
+    estimator in the same (device, extra settings, V, T, batch). Rows of the hidden-state path
+    (``path`` = hidden, ``vopd.estimators.hidden``) also get ``time_vs_logits`` = t_hidden /
+    t_logits and ``mem_vs_logits`` = (peak above the inputs)_hidden / (…)_logits against the
+    same estimator on the logits path of the same configuration (NaN where there is none)."""
     if "status" in prof.columns:  # variants that failed (e.g. out of memory) have no numbers
         prof = prof[prof["status"].fillna("ok") == "ok"]
     prof = prof[np.isfinite(prof["step_s"]) & np.isfinite(prof["peak_mem_bytes"])]
-    # settings that make two rows different measurements (python -m vopd.profile's extras)
-    extra = [c for c in ("mode", "dtype") if c in prof.columns]
+    extra = [c for c in PROFILE_SETTINGS if c in prof.columns]
+    prof = prof.assign(**{c: prof[c].fillna(PROFILE_SETTINGS[c]) for c in extra})
+    if "hidden_size" in extra:
+        prof = prof.assign(hidden_size=prof["hidden_size"].astype(int))
     keys = ["device", *extra, "vocab_size", "seq_len", "batch"]
+    above = "above_inputs_bytes" if "above_inputs_bytes" in prof.columns else "peak_mem_bytes"
     agg = prof.groupby([*keys, "estimator"], as_index=False).agg(
-        step_s=("step_s", "min"), peak_mem_bytes=("peak_mem_bytes", "max")
+        step_s=("step_s", "min"),
+        peak_mem_bytes=("peak_mem_bytes", "max"),
+        _above=(above, "max"),
     )
     ref = agg[agg["estimator"] == reference_estimator].set_index(keys)
     agg = agg.join(ref[["step_s", "peak_mem_bytes"]].add_suffix("_ref"), on=keys)
     agg["time_ratio"] = agg["step_s"] / agg["step_s_ref"]
     agg["mem_ratio"] = agg["peak_mem_bytes"] / agg["peak_mem_bytes_ref"]
-    return agg.drop(columns=["step_s_ref", "peak_mem_bytes_ref"]), keys
+    agg = agg.drop(columns=["step_s_ref", "peak_mem_bytes_ref"])
+    if "path" in extra and (agg["path"] == "hidden").any():
+        same = [k for k in keys if k != "path"] + ["estimator"]
+        logits = agg[agg["path"] == "logits"].set_index(same)[["step_s", "_above"]]
+        agg = agg.join(logits.add_suffix("_logits"), on=same)
+        hidden = agg["path"] == "hidden"
+        agg["time_vs_logits"] = (agg["step_s"] / agg["step_s_logits"]).where(hidden)
+        agg["mem_vs_logits"] = (agg["_above"] / agg["_above_logits"]).where(hidden)
+        agg = agg.drop(columns=["step_s_logits", "_above_logits"])
+    return agg.drop(columns=["_above"]), keys
+
+
+def own_cost(agg: pd.DataFrame) -> pd.DataFrame:
+    """The estimator's own cost (mode loss on random logits) where the profile has it: the
+    rows of claim C9 and the cost figure; train_step and the hidden path are in the table."""
+    if "mode" in agg.columns and (agg["mode"] == "loss").any():
+        agg = agg[agg["mode"] == "loss"]
+    if "hidden_size" in agg.columns and (agg["hidden_size"] == 0).any():
+        agg = agg[agg["hidden_size"] == 0]
+    return agg
 
 
 def cost_table(prof, reference_estimator="sample_opd"):
@@ -596,16 +634,31 @@ def cost_table(prof, reference_estimator="sample_opd"):
                     cells.append("—")
                     continue
                 r = r.iloc[0]
-                cells.append(
+                cell = (
                     f"{fmt_num(r.step_s)} s ({fmt_num(r.time_ratio)}x), "
                     f"{fmt_mib(r.peak_mem_bytes)} MiB ({fmt_num(r.mem_ratio)}x)"
                 )
+                if np.isfinite(getattr(r, "time_vs_logits", np.nan)):
+                    cell += (
+                        f"; vs logits path {fmt_num(r.time_vs_logits)}x time, "
+                        f"{fmt_num(r.mem_vs_logits)}x memory above inputs"
+                    )
+                cells.append(cell)
             rows.append(cells)
         md.append(f"**{title}**\n\n" + markdown_table(header, rows))
     note = (
         f"Best time of the repeats and peak memory; (Nx) = ratio to {reference_estimator} "
-        "in the same configuration.\n"
+        "in the same configuration."
     )
+    if "time_vs_logits" in agg.columns:
+        note += (
+            " path = hidden: the loss from [B, T, H] hidden states and [V, H] heads without "
+            "[B, T, V] logits (vopd.estimators.hidden, the trainer's loss_from_hidden); "
+            "path = logits: the same inputs with both models' logits materialised; vs logits "
+            "path = the same estimator and configuration on the logits path (time; peak memory "
+            "above the inputs, weights included in the inputs)."
+        )
+    note += "\n"
     csv = agg.copy()
     csv.insert(0, "variant", csv["estimator"])
     return csv, "\n".join(md) + "\n" + note
@@ -702,8 +755,7 @@ def claims(results_dir: Path, args) -> list[str]:
     prof = load(results_dir, "profile", required=False)
     if prof is not None and not prof.empty:
         agg, _ = cost_summary(prof, reference_cost_estimator(results_dir, ref))
-        if "mode" in agg.columns and (agg["mode"] == "loss").any():
-            agg = agg[agg["mode"] == "loss"]
+        agg = own_cost(agg)
         top = agg[agg["vocab_size"] == agg["vocab_size"].max()]
         top = top[top["seq_len"] == top["seq_len"].max()]
         parts = [
