@@ -352,8 +352,8 @@ def read_done(out: str | Path) -> dict | None:
 
 def train_runs(runs, *, progress: bool = True, stop_after=None) -> list[dict]:
     """Train several ``(cfg, out)`` runs in this process, one after the other; return their
-    done.json. Each starts from the global state this call found (torch, numpy and Python RNG
-    states, torch threads, grad mode), the state a fresh process would start it from, so each
+    done.json. Each starts from the global state this call found (torch CPU, numpy and Python
+    RNG states, torch threads, grad mode), the state a fresh process would start it from, so each
     run's metrics and checkpoints equal those of its own ``train(cfg, out)`` in a new process.
     A finished run (done.json) is skipped, a killed one resumes. One process only (no torchrun)
     and the hf rollout backend only: a vLLM engine is not freed between runs. ``stop_after`` is
@@ -370,14 +370,36 @@ def train_runs(runs, *, progress: bool = True, stop_after=None) -> list[dict]:
             raise ValueError(f"several runs in one process need rollout_backend=hf: {vllm}")
     for _, out in runs:
         read_done(out)  # an unreadable done.json fails before any run starts
-    rng, threads, grad = ckpt.rng_state(), torch.get_num_threads(), torch.is_grad_enabled()
+    if len(runs) == 1:  # as before: nothing to restore (and no CUDA context made for it)
+        return [train(runs[0][0], runs[0][1], progress=progress, stop_after=stop_after)]
+    state = _process_state()
     done = []
     for cfg, out in runs:
-        ckpt.set_rng_state(rng)
-        torch.set_num_threads(threads)
-        torch.set_grad_enabled(grad)
+        _restore_process_state(state)
         done.append(train(cfg, out, progress=progress, stop_after=stop_after))
     return done
+
+
+def _process_state() -> tuple:
+    """The global state a run reads before it seeds itself: the CPU RNG states (torch, numpy,
+    Python), torch's thread count, grad mode. CUDA RNG states are not read: a fresh run seeds
+    every device (``torch.manual_seed`` in ``_start``), a resumed one restores them."""
+    return (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+    )
+
+
+def _restore_process_state(state: tuple) -> None:
+    torch_rng, numpy_rng, python_rng, threads, grad = state
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(numpy_rng)
+    random.setstate(python_rng)
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)
 
 
 def _train(cfg: TrainConfig, out: Path, *, progress: bool, stop_after) -> dict:
