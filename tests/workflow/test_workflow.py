@@ -634,10 +634,12 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
     """Interrupt Snakemake (SIGINT to its process group, as Ctrl-C does) while a distillation
     job runs, after its first checkpoint; rerun the same command: the job resumes from the
     checkpoint and runs.parquet and every table equal an uninterrupted run's (timings aside).
-    Two smoke runs in separate copies, with 8 steps and a checkpoint every 4."""
+    Two smoke runs in separate copies, with 8 steps, a checkpoint every 4 and seeds 0-1 in one
+    training job per variant: the kill lands in seed 1 after seed 0 finished."""
     opt_in(request)
     cfg = yaml.safe_load((REPO / SMOKE).read_text())
     cfg["train"].update(steps=8, save_every=4)
+    cfg["seeds"] = [0, 1]
     cfg["eval"]["steps"] = [8]
     cfg["variance"]["steps"] = [8]
     results, killed_run = {}, None
@@ -655,7 +657,7 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            ckpt = wait_for("results/smoke/*/seed0/checkpoints/step4", root, timeout=600)
+            ckpt = wait_for("results/smoke/*/seed1/checkpoints/step4", root, timeout=600)
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=120)
             killed_run = ckpt.parent.parent
@@ -665,6 +667,7 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
         results[name] = root / "results" / "smoke"
     # vopd.train appends a line to resumes.jsonl each time it resumes from a checkpoint
     assert (killed_run / "resumes.jsonl").is_file(), "the rerun did not resume"
+    assert (killed_run.parent / "logs" / "train-seeds0-1.log").is_file()  # one job, both seeds
     pd.testing.assert_frame_equal(
         deterministic(pd.read_parquet(results["killed"] / "runs.parquet"), "metric"),
         deterministic(pd.read_parquet(results["uninterrupted"] / "runs.parquet"), "metric"),
