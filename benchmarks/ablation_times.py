@@ -31,7 +31,7 @@ def job_times(folder: Path) -> pd.DataFrame:
         df = pd.read_csv(tsv, sep="\t")
         if df.empty:
             continue
-        rule = tsv.stem.split("_step")[0].split("_toy")[0]
+        rule = tsv.stem.split("_step")[0].split("_toy")[0].split("-seeds")[0]  # train-seeds0-1-2
         rows.append(
             {"rule": rule, "wall_s": float(df["s"].iloc[-1]),
              "cpu_s": float(df["cpu_time"].iloc[-1]), "path": str(tsv)}
@@ -39,14 +39,27 @@ def job_times(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rule", "wall_s", "cpu_s", "path"])
 
 
+def train_cpu(run: Path) -> float | None:
+    """CPU time of one training run: its own benchmark/train.tsv, or its share of the grouped job
+    that trained it with other seeds (VARIANT/benchmark/train-seeds0-1-2.tsv: an equal share
+    each), or None when neither exists."""
+    tsv = run / "benchmark" / "train.tsv"
+    if tsv.is_file():
+        return float(pd.read_csv(tsv, sep="\t")["cpu_time"].iloc[-1])
+    seed = run.name[len("seed") :]
+    for tsv in (run.parent / "benchmark").glob("train-seeds*.tsv"):
+        seeds = tsv.stem[len("train-seeds") :].split("-")
+        if seed in seeds:
+            return float(pd.read_csv(tsv, sep="\t")["cpu_time"].iloc[-1]) / len(seeds)
+    return None
+
+
 def reused_train_cpu(folder: Path) -> float:
     """CPU time of the training runs that this folder's reused runs copied."""
     total = 0.0
     for marker in folder.glob("*/seed*/reused_from.json"):
-        source = Path(json.loads(marker.read_text())["source"])
-        tsv = source / "benchmark" / "train.tsv"
-        if tsv.is_file():
-            total += float(pd.read_csv(tsv, sep="\t")["cpu_time"].iloc[-1])
+        cpu = train_cpu(Path(json.loads(marker.read_text())["source"]))
+        total += cpu or 0.0
     return total
 
 

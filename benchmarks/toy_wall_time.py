@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     ("world", r"resources/[^/]+/benchmark/world\.tsv$"),
     ("SFT / shipped models", r"resources/[^/]+/benchmark/sft\.tsv$"),
-    ("distillation", r"/benchmark/train\.tsv$"),
+    ("distillation", r"/benchmark/train(-seeds[\d-]+)?\.tsv$"),  # one seed, or a seed group
     ("generate", r"/benchmark/generate[^/]*\.tsv$"),
     ("grade", r"/benchmark/grade[^/]*\.tsv$"),
     ("variance probes", r"/benchmark/variance[^/]*\.tsv$"),

@@ -29,6 +29,10 @@ Outputs (RUN_DIR, the run directory of the results contract ``vopd.results``): `
 ``estimator/``, ``perf/``), ``checkpoints/step{N}/`` (step0 = the initial student; the newest
 holds the resume state), ``done.json`` last. Rerunning the same command resumes from the newest
 checkpoint and ends with the same numbers as an uninterrupted run (CPU, same seed).
+
+Several runs in one process (:func:`train_runs`, ``python -m vopd.train --seeds``): one after the
+other, each from the process state a fresh process starts it from (global RNG states, torch
+threads, grad mode), so each ends exactly as it would alone; a finished run is skipped.
 """
 
 from __future__ import annotations
@@ -331,9 +335,77 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, stop_afte
         return _train(cfg, Path(out), progress=progress, stop_after=stop_after)
 
 
+def read_done(out: str | Path) -> dict | None:
+    """``out``'s done.json (the run finished), or None when there is none. An unreadable one
+    raises ValueError: it is not overwritten silently."""
+    path = Path(out) / "done.json"
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): delete it to rerun the run") from None
+    if not isinstance(done, dict) or "steps" not in done:
+        raise ValueError(f"{path} is not a run's done.json (no 'steps'): delete it to rerun")
+    return done
+
+
+def train_runs(runs, *, progress: bool = True, stop_after=None) -> list[dict]:
+    """Train several ``(cfg, out)`` runs in this process, one after the other; return their
+    done.json. Each starts from the global state this call found (torch CPU, numpy and Python
+    RNG states, torch threads, grad mode), the state a fresh process would start it from, so each
+    run's metrics and checkpoints equal those of its own ``train(cfg, out)`` in a new process.
+    A finished run (done.json) is skipped, a killed one resumes. One process only (no torchrun)
+    and the hf rollout backend only: a vLLM engine is not freed between runs. ``stop_after`` is
+    passed to every run (the resume test)."""
+    runs = [(cfg, Path(out)) for cfg, out in runs]
+    outs = [out.resolve() for _, out in runs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"the runs' directories are not distinct: {[str(o) for _, o in runs]}")
+    if len(runs) > 1:
+        if dist.from_env().enabled:
+            raise ValueError("several runs in one process need one process, not torchrun")
+        vllm = [str(out) for cfg, out in runs if cfg.rollout_backend == "vllm"]
+        if vllm:
+            raise ValueError(f"several runs in one process need rollout_backend=hf: {vllm}")
+    for _, out in runs:
+        read_done(out)  # an unreadable done.json fails before any run starts
+    if len(runs) == 1:  # as before: nothing to restore (and no CUDA context made for it)
+        return [train(runs[0][0], runs[0][1], progress=progress, stop_after=stop_after)]
+    state = _process_state()
+    done = []
+    for cfg, out in runs:
+        _restore_process_state(state)
+        done.append(train(cfg, out, progress=progress, stop_after=stop_after))
+    return done
+
+
+def _process_state() -> tuple:
+    """The global state a run reads before it seeds itself: the CPU RNG states (torch, numpy,
+    Python), torch's thread count, grad mode. CUDA RNG states are not read: a fresh run seeds
+    every device (``torch.manual_seed`` in ``_start``), a resumed one restores them."""
+    return (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+    )
+
+
+def _restore_process_state(state: tuple) -> None:
+    torch_rng, numpy_rng, python_rng, threads, grad = state
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(numpy_rng)
+    random.setstate(python_rng)
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)
+
+
 def _train(cfg: TrainConfig, out: Path, *, progress: bool, stop_after) -> dict:
-    if (out / "done.json").exists():
-        return json.loads((out / "done.json").read_text())
+    finished = read_done(out)
+    if finished is not None:
+        return finished
     prompts = load_prompts(cfg)
     total = num_steps(cfg, len(prompts))
     rank = dist.from_env()  # torchrun: one process per GPU (vopd.distributed)

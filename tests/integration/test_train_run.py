@@ -22,7 +22,7 @@ from vopd import catalog, results
 from vopd.config import load_config
 from vopd.io import read_jsonl
 from vopd.train import main
-from vopd.trainer import train
+from vopd.trainer import train, train_runs
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +132,65 @@ def test_sigkill_and_rerun_equals_uninterrupted(run_config, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 60
     _assert_same_run(full, killed, 60)
     assert read_jsonl(killed / "resumes.jsonl")[0]["from_step"] <= done_before
+
+
+def _cli(*args: str) -> list[dict]:
+    """``python -m vopd.train ARGS`` in a fresh process; its done.json lines."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "vopd.train", "--no-progress", *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+
+def _untimed(done: dict) -> dict:
+    return {k: v for k, v in done.items() if k not in ("out", "time_s_this_process", "mean_step_s")}
+
+
+def test_several_seeds_in_one_process_equal_separate_processes(run_config, tmp_path):
+    """`--seeds 0,1` trains both runs in one process exactly as two processes with seed=0 and
+    seed=1 do; killed runs resume and a finished one is skipped."""
+    config = str(run_config(max_steps=4, save_every=2, estimator="sample_opd"))
+    alone = [tmp_path / f"alone{s}" for s in (0, 1)]
+    for seed, out in enumerate(alone):
+        _cli("--config", config, "--out", str(out), f"seed={seed}")
+    grouped = [tmp_path / f"grouped{s}" for s in (0, 1)]
+    dones = _cli("--config", config, "--seeds", "0,1", *(f"--out={d}" for d in grouped))
+    assert [d["seed"] for d in dones] == [0, 1]
+    for a, b in zip(alone, grouped, strict=True):
+        _assert_same_run(a, b, 4)
+        assert load_config(a / "config.yaml") == load_config(b / "config.yaml")
+        assert _untimed(json.loads((a / "done.json").read_text())) == _untimed(
+            json.loads((b / "done.json").read_text())
+        )
+    assert _numbers(grouped[0]) != _numbers(grouped[1])  # the seeds differ
+    # A killed grouped job: both runs cut after step 3 (checkpoint at 2), the first then finished
+    # alone; the same grouped command skips it and resumes the second.
+    cut = [tmp_path / f"cut{s}" for s in (0, 1)]
+    cfgs = [load_config(config, [f"seed={s}"]) for s in (0, 1)]
+    assert train_runs(list(zip(cfgs, cut, strict=True)), progress=False, stop_after=3) == [{}, {}]
+    train(cfgs[0], cut[0], progress=False)
+    mtime = (cut[0] / "metrics.jsonl").stat().st_mtime
+    _cli("--config", config, "--seeds", "0,1", "--out", str(cut[0]), "--out", str(cut[1]))
+    assert (cut[0] / "metrics.jsonl").stat().st_mtime == mtime
+    for a, b in zip(alone, cut, strict=True):
+        _assert_same_run(a, b, 4)
+        assert read_jsonl(b / "resumes.jsonl")[0]["from_step"] == 2
+
+
+def test_several_runs_need_one_seed_per_out(run_config, tmp_path):
+    config = str(run_config())
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for args in (
+        ["--out", a, "--out", b],
+        ["--seeds", "0,1", "--out", a],
+        ["--seeds", "0,1", "--out", a, "--out", b, "seed=3"],
+        ["--seeds", "0,0", "--out", a, "--out", b],
+    ):
+        with pytest.raises(SystemExit):
+            main(["--config", config, *args])
+    with pytest.raises(SystemExit, match="not distinct"):
+        main(["--config", config, "--seeds", "0,1", "--out", a, "--out", a])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------------------------------------

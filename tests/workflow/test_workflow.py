@@ -125,10 +125,49 @@ def test_schema_lists_no_estimator_and_takes_the_name_pattern_of_the_catalog():
 # ---- dry runs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("configfile", [None, SMOKE, "config/small.yaml", "config/paper.yaml"])
-def test_dry_run(configfile):
+GROUPED = "train_seeds0_1_2"  # the default config's training rule: seeds 0-2 in one job
+
+
+@pytest.mark.parametrize(
+    "configfile, train",
+    [
+        (None, GROUPED),
+        (SMOKE, "train"),  # one seed
+        ("config/small.yaml", "train"),  # scale hub: a job per seed
+        ("config/paper.yaml", "train"),
+    ],
+)
+def test_dry_run(configfile, train):
     jobs = planned_jobs(*(["--configfile", configfile] if configfile else []))
-    assert {"train", "generate", "grade", "variance_probe", "cost_profile", "summary"} <= jobs
+    assert {train, "generate", "grade", "variance_probe", "cost_profile", "summary"} <= jobs
+
+
+@pytest.mark.parametrize(
+    "configfile, per_job, expected",
+    [
+        (None, None, {GROUPED: 6}),  # 6 variants, every seed in one process (scale toy)
+        (None, 1, {"train": 18}),
+        (None, 2, {"train_seeds0_1": 6, "train": 6}),  # seeds 0-1 together, seed 2 alone
+        ("config/small.yaml", None, {"train": 8}),  # scale hub: one job per seed
+        ("config/paper.yaml", None, {"train": 5}),
+    ],
+)
+def test_training_jobs_group_seeds_per_variant(tmp_path, configfile, per_job, expected):
+    cfg = yaml.safe_load((REPO / (configfile or "config/config.yaml")).read_text())
+    if per_job is not None:
+        cfg["train"]["seeds_per_job"] = per_job
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    counts = job_counts("--configfile", str(path))
+    assert {r: n for r, n in counts.items() if r.startswith("train")} == expected
+
+
+def test_a_grouped_job_trains_each_seed_into_its_run_directory():
+    out = snakemake("-n", "-p", "--forceall", "results/toy/vopd/seed1/done.json").stdout
+    runs = " ".join(f"--out results/toy/vopd/seed{s}" for s in (0, 1, 2))
+    assert f"vopd.train --config config/train/toy.yaml --seeds 0,1,2 {runs} estimator=vopd" in out
+    assert "seed=" not in out.split("vopd.train", 1)[1].split("\n", 1)[0]
+    assert "results/toy/vopd/logs/train-seeds0-1-2.log" in out
 
 
 def test_paper_dry_run_through_the_slurm_profile():
@@ -145,12 +184,17 @@ def test_configfile_replaces_the_default_config():
     assert "results/paper_1p7b/vopd_topk/seed42/done.json" in out
 
 
-def planned_jobs(*args) -> set[str]:
-    """The rule names of a dry run's "Job stats" table (as if nothing had been built yet)."""
+def job_counts(*args) -> dict[str, int]:
+    """Rule name -> jobs, from a dry run's "Job stats" table (as if nothing had been built yet)."""
     lines = snakemake(*args, "-n", "--forceall", "--quiet", "rules").stdout.splitlines()
     start = lines.index("Job stats:") + 3
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("total"))
-    return {line.split()[0] for line in lines[start:end]}
+    return {line.split()[0]: int(line.split()[1]) for line in lines[start:end]}
+
+
+def planned_jobs(*args) -> set[str]:
+    """The rule names of a dry run's "Job stats" table (as if nothing had been built yet)."""
+    return set(job_counts(*args))
 
 
 def test_named_targets_build_only_what_they_need():
@@ -163,7 +207,7 @@ def test_named_targets_build_only_what_they_need():
     }
     assert planned_jobs("results/toy/tables/cost.md") == {"cost_profile", "aggregate", "table"}
     variance = planned_jobs("variance")
-    assert {"train", "variance_probe"} <= variance and "generate" not in variance
+    assert {GROUPED, "variance_probe"} <= variance and "generate" not in variance
     assert "summary" in planned_jobs()
 
 
@@ -357,7 +401,7 @@ def test_paths_with_spaces_and_quotes_reach_the_commands_as_one_word(tmp_path):
 def test_train_overrides_may_be_left_out(tmp_path):
     """The schema default of train.overrides applies (no KeyError)."""
     path = bad_config(tmp_path, lambda c: c["train"].pop("overrides"))
-    assert "train" in planned_jobs("--configfile", str(path))
+    assert GROUPED in planned_jobs("--configfile", str(path))
 
 
 # ---- variants and ablations --------------------------------------------------------------------
@@ -381,6 +425,24 @@ def test_a_run_with_the_same_resolved_config_is_reused_not_retrained():
     assert "--out results/toy_ablation_clip/vopd_noclip/seed1 " in out
 
 
+def test_a_variant_with_a_reused_seed_trains_its_other_seeds_one_job_each(tmp_path):
+    """The clip ablation on seeds 0-3: its vopd is the main vopd on seeds 0-2 (copied by
+    reuse_run) and trains seed 3 alone; its own variants train seeds 0-3 in one job."""
+    path = bad_config(tmp_path, lambda c: c["ablations"]["clip"].update(seeds=[0, 1, 2, 3]))
+    out = snakemake("ablation_clip", "-n", "-p", "--forceall", "--configfile", str(path)).stdout
+    assert "copy-run results/toy/vopd/seed2 results/toy_ablation_clip/vopd/seed2" in out
+    assert "--out results/toy_ablation_clip/vopd/seed3 estimator=vopd" in out
+    runs = " ".join(f"--out results/toy_ablation_clip/vopd_noclip/seed{s}" for s in range(4))
+    assert f"--seeds 0,1,2,3 {runs} " in out
+    counts = job_counts("ablation_clip", "--configfile", str(path))
+    assert {r: n for r, n in counts.items() if r.startswith(("train", "reuse"))} == {
+        "train_clip_seeds0_1_2_3": 3,  # the three *_noclip variants
+        "train": 3,  # seed 3 of sample_opd, vopd, full_opd
+        "reuse_run": 9,  # their seeds 0-2
+        GROUPED: 3,  # the main runs copied
+    }
+
+
 def test_two_variants_of_one_estimator_are_two_run_directories(tmp_path):
     def edit(c):
         c["estimators"] = {
@@ -394,7 +456,8 @@ def test_two_variants_of_one_estimator_are_two_run_directories(tmp_path):
     for k in (4, 16):
         run = f"results/toy/vopd_topk_k{k}/seed0"
         assert f"{run}/done.json" in out
-        assert f"--out {run} estimator=vopd_topk" in out and f"top_k={k}" in out
+        assert f"--out {run} --out " in out and f"top_k={k}" in out
+        assert f"--seeds 0,1,2 --out {run} --out {run[:-1]}1 " in out
     assert '"vopd_topk_k16": {"estimator": "vopd_topk", "top_k": 16}' in out  # probed as such
 
 
@@ -571,10 +634,12 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
     """Interrupt Snakemake (SIGINT to its process group, as Ctrl-C does) while a distillation
     job runs, after its first checkpoint; rerun the same command: the job resumes from the
     checkpoint and runs.parquet and every table equal an uninterrupted run's (timings aside).
-    Two smoke runs in separate copies, with 8 steps and a checkpoint every 4."""
+    Two smoke runs in separate copies, with 8 steps, a checkpoint every 4 and seeds 0-1 in one
+    training job per variant: the kill lands in seed 1 after seed 0 finished."""
     opt_in(request)
     cfg = yaml.safe_load((REPO / SMOKE).read_text())
     cfg["train"].update(steps=8, save_every=4)
+    cfg["seeds"] = [0, 1]
     cfg["eval"]["steps"] = [8]
     cfg["variance"]["steps"] = [8]
     results, killed_run = {}, None
@@ -592,7 +657,7 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            ckpt = wait_for("results/smoke/*/seed0/checkpoints/step4", root, timeout=600)
+            ckpt = wait_for("results/smoke/*/seed1/checkpoints/step4", root, timeout=600)
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=120)
             killed_run = ckpt.parent.parent
@@ -602,6 +667,7 @@ def test_kill_during_distillation_then_resume_equals_uninterrupted(tmp_path, req
         results[name] = root / "results" / "smoke"
     # vopd.train appends a line to resumes.jsonl each time it resumes from a checkpoint
     assert (killed_run / "resumes.jsonl").is_file(), "the rerun did not resume"
+    assert (killed_run.parent / "logs" / "train-seeds0-1.log").is_file()  # one job, both seeds
     pd.testing.assert_frame_equal(
         deterministic(pd.read_parquet(results["killed"] / "runs.parquet"), "metric"),
         deterministic(pd.read_parquet(results["uninterrupted"] / "runs.parquet"), "metric"),

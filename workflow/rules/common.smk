@@ -253,6 +253,74 @@ def reused_run_done(wildcards):
     return f"{source}/done.json" if source else NOT_REUSED
 
 
+def seeds_per_job():
+    """train.seeds_per_job, or its default: every seed in one job at scale toy, 1 at hub."""
+    n = config["train"]["seeds_per_job"]
+    if n is None:
+        return 1 if HUB else max(len(e.seeds) for e in EXPERIMENTS.values())
+    return n
+
+
+def seed_groups(exp):
+    """The experiment's seeds in training jobs of seeds_per_job seeds (the last may be short).
+    A group of one seed is the per-seed `train` rule's; larger ones get a rule each (train.smk)."""
+    n = seeds_per_job()
+    return [exp.seeds[i : i + n] for i in range(0, len(exp.seeds), n)]
+
+
+def grouped_variants(exp, seeds):
+    """The experiment's variants that train every seed of ``seeds`` (none copied by reuse_run):
+    the grouped rule's {variant} values. A variant with a reused seed keeps one job per seed."""
+    return [v for v in exp.variants if not any((v, s) in exp.reused for s in seeds)]
+
+
+def train_group_rule_name(exp, seeds):
+    """train_seeds0_1_2 for the main comparison, train_ABLATION_seeds0_1_2 for an ablation."""
+    ablation = (
+        ""
+        if exp.ablation is None
+        else "".join(c if c.isalnum() else "_" for c in exp.ablation) + "_"
+    )
+    return f"train_{ablation}seeds" + "_".join(map(str, seeds))
+
+
+def train_group_tag(seeds):
+    """The grouped job's log and benchmark name: train-seeds0-1-2."""
+    return "train-seeds" + "-".join(map(str, seeds))
+
+
+def run_dirs_flags(wildcards, output):
+    """`--seeds S0,S1 --out DIR0 --out DIR1` of a grouped training job (its outputs' dirs)."""
+    dirs = [os.path.dirname(p) for p in output]
+    seeds = [int(os.path.basename(d)[len("seed") :]) for d in dirs]
+    outs = " ".join(f"--out {shlex.quote(d)}" for d in dirs)
+    return f"--seeds {','.join(map(str, seeds))} {outs}"
+
+
+def group_overrides(exp, seeds):
+    """The key=value overrides a grouped job's runs share: each run's (train_overrides) less its
+    seed, which --seeds sets. They differ in the seed only (vopd.experiments.run_overrides)."""
+
+    def function(wildcards):
+        per_seed = []
+        for seed in seeds:
+            merged = experiments.run_overrides(
+                exp,
+                wildcards.variant,
+                seed,
+                student=student_model(),
+                teacher=teacher_model(),
+                prompts=prompts_file(),
+            )
+            merged.pop(experiments.TRAIN_KEYS["seed"])
+            per_seed.append(merged)
+        if any(m != per_seed[0] for m in per_seed):
+            raise WorkflowError(f"{exp.name}/{wildcards.variant}: runs differ beyond the seed")
+        return key_values(per_seed[0])
+
+    return function
+
+
 def train_overrides(wildcards):
     """key=value overrides of one run (vopd.experiments.run_overrides: train.overrides < the
     variant's overrides < its estimator and options < the workflow's own keys), the same text
