@@ -20,6 +20,7 @@ selected on val, never on the benchmarks.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from pathlib import Path
@@ -136,36 +137,15 @@ def _split(world_dir: Path, rel: str) -> pd.DataFrame:
 # Training.
 
 
-def sft_settings(
-    *,
-    steps: int = 1500,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    warmup: int = 50,
-    seed: int = 0,
-    eval_every: int = 10,
-    eval_size: int = 256,
-    student_em: float = 0.55,
-    teacher_em: float = 0.97,
-    threads: int,
-    progress: bool = True,
-) -> dict:
+def sft_settings(*, threads: int, progress: bool = True, **given) -> dict:
     """Everything of an SFT run that determines its models, as ``sft_summary.json`` records it
     under ``settings`` (``progress`` does not; ``threads`` does: it orders the float reductions).
-    The defaults are :func:`run_sft`'s."""
+    The defaults are :data:`SFT_DEFAULTS`, read from :func:`run_sft`'s signature, their one home."""
     del progress
-    return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": warmup,
-        "seed": seed,
-        "eval_every": eval_every,
-        "eval_size": eval_size,
-        "student_em": student_em,
-        "teacher_em": teacher_em,
-        "threads": threads,
-    }
+    unknown = sorted(set(given) - set(SFT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"sft_settings() got unexpected keyword arguments {unknown}")
+    return {**SFT_DEFAULTS, **given, "threads": threads}
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -309,3 +289,11 @@ def run_sft(
     }
     write_json(out_dir / "sft_summary.json", summary)
     return summary
+
+
+# run_sft's keyword defaults, taken once at import (a test that replaces run_sft keeps them)
+SFT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(run_sft).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "progress"
+}
