@@ -1,6 +1,6 @@
 """The toy world: the embedded default scale (offline, CPU, minutes).
 
-- :mod:`vopd.toy.tokenizer`: the 27-token character tokenizer (a real transformers tokenizer).
+- :mod:`vopd.toy.tokenizer`: the 31-token character tokenizer (a real transformers tokenizer).
 - :mod:`vopd.toy.world`: the seeded arithmetic generator, worked solutions, disjoint splits.
 - :mod:`vopd.toy.sft`: teacher and student (``LlamaForCausalLM`` from a config) trained by SFT.
 
