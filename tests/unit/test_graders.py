@@ -375,8 +375,13 @@ def test_toy_mcq_is_graded_by_the_mcq_grader(tmp_path):
         unfinished = right[: right.index("\\boxed")]  # no boxed answer: the letter stays unread
         for j, text in enumerate([right, wrong, unfinished]):
             rows.append(
-                {"problem_id": pid, "sample_idx": j, "text": text, "num_tokens": 1,
-                 "truncated": False}  # fmt: skip
+                {
+                    "problem_id": pid,
+                    "sample_idx": j,
+                    "text": text,
+                    "num_tokens": 1,
+                    "truncated": False,
+                }
             )
     grades = grade(pd.DataFrame(rows), bench, workers=1)
     by_sample = grades.groupby("sample_idx")
