@@ -58,7 +58,7 @@ def tiny_models(tmp_path_factory, toy_tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
-    write_world(root, WorldSpec(seed=0, n_train=96, n_val=16, n_test=32, n_hard=16))
+    write_world(root, WorldSpec(seed=0, n_train=96, n_val=16, n_test=32, n_hard=16, n_mcq=16))
     return root
 
 

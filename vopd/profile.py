@@ -1,9 +1,9 @@
 """Cost profiler: time and peak memory per estimator, for the loss alone or a full training step.
 
     python -m vopd.profile --out results/toy/profile/profile.parquet          # modest default sweep
-    python -m vopd.profile --mode loss --vocab 27,32000,151936 --seq-len 256,1024,4096 \
+    python -m vopd.profile --mode loss --vocab 31,32000,151936 --seq-len 256,1024,4096 \
         --batch 1 --naive --out results/toy/profile/loss_full.parquet        # the full loss sweep
-    python -m vopd.profile --mode train_step --model-config toy --vocab 27,32000,151936 \
+    python -m vopd.profile --mode train_step --model-config toy --vocab 31,32000,151936 \
         --seq-len 32 --batch 16 --out results/toy/profile/train_step.parquet
 
 Modes:
@@ -59,7 +59,7 @@ FLOOR, FLOOR_PREALLOC = "floor", "floor_prealloc"
 MODES = ("loss", "hidden", "train_step")
 # the loss on [B,T,V] logits, or from hidden states (vopd.estimators.hidden)
 PATHS = ("logits", "hidden")
-TOY_VOCAB = 27  # vopd.toy tokenizer: 23 characters + <pad> <bos> <eos> <unk>
+TOY_VOCAB = 31  # vopd.toy tokenizer: 27 characters + <pad> <bos> <eos> <unk>
 # The toy Llama that learns 3-term sums on 2 CPU cores (vopd/toy/sft.py).
 TOY_ARCH = {
     "hidden_size": 128,

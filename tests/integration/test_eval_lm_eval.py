@@ -77,7 +77,7 @@ def test_task_yamls_are_indexed_without_downloading():
     from lm_eval.tasks import TaskManager
 
     names = set(TaskManager(include_path=str(TASKS), include_defaults=False).all_tasks)
-    assert {"vopd_toy_test", "vopd_toy_hard", "vopd_math500"} <= names
+    assert {"vopd_toy_test", "vopd_toy_hard", "vopd_toy_mcq", "vopd_math500"} <= names
 
 
 def test_math500_task_utils():

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    write_world(root, WorldSpec(n_train=64, n_val=16, n_test=32, n_hard=16))
+    write_world(root, WorldSpec(n_train=64, n_val=16, n_test=32, n_hard=16, n_mcq=16))
     return root
 
 
@@ -105,7 +105,7 @@ def test_other_settings_or_rebuild_train_from_scratch(
 def test_another_world_trains_from_scratch(shipped, tmp_path, monkeypatch, capsys):
     root, _ = shipped
     other = tmp_path / "other_world"
-    write_world(other, WorldSpec(seed=1, n_train=64, n_val=16, n_test=32, n_hard=16))
+    write_world(other, WorldSpec(seed=1, n_train=64, n_val=16, n_test=32, n_hard=16, n_mcq=16))
     calls = no_sft(monkeypatch)
     ship_mod.models(other, tmp_path / "m", root=root, **SFT)
     assert len(calls) == 1 and "world: data" in capsys.readouterr().out

@@ -224,8 +224,8 @@ def test_missing_model_path(run_config, tmp_path):
 
 @pytest.mark.parametrize("estimator", [s.name for s in catalog.specs() if s.top_k])
 def test_top_k_at_or_above_the_toy_vocabulary(run_config, tmp_path, estimator):
-    _fails(run_config, tmp_path, "top_k=27 >= vocabulary size 27", estimator=estimator, top_k=27)
-    _fails(run_config, tmp_path, "top_k=100 >= vocabulary size 27", estimator=estimator, top_k=100)
+    _fails(run_config, tmp_path, "top_k=31 >= vocabulary size 31", estimator=estimator, top_k=31)
+    _fails(run_config, tmp_path, "top_k=100 >= vocabulary size 31", estimator=estimator, top_k=100)
 
 
 def test_empty_prompt_set(run_config, tmp_path):

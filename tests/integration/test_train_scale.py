@@ -150,7 +150,7 @@ def test_padded_teacher_rows_are_sliced(run_config, tmp_path, toy_tokenizer):
 
 def test_padded_student_rows_need_a_restricted_sampler(run_config, tmp_path, toy_tokenizer):
     student = _padded(toy_tokenizer, tmp_path / "padded_student")
-    with pytest.raises(SystemExit, match="32 logit rows but only 27 are shared"):
+    with pytest.raises(SystemExit, match="36 logit rows but only 31 are shared"):
         main(["--config", str(run_config(student=str(student))), "--out", str(tmp_path / "r")])
 
 

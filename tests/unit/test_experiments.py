@@ -34,7 +34,7 @@ def config(**edits) -> dict:
     return cfg
 
 
-def resolve(cfg, vocab_size=27):
+def resolve(cfg, vocab_size=31):  # the toy tokenizer's
     return experiments.resolve(cfg, vocab_size=vocab_size, **PATHS)
 
 
@@ -114,15 +114,15 @@ def bad(edit):
         (lambda c: c["estimators"].update(x={"estimator": "nope"}), "estimators.x: unknown"),
         (lambda c: c["estimators"].update(vopd={"clamp": 1.0}), "estimators.vopd: option clamp"),
         (
-            lambda c: c["estimators"].update(vopd_topk={"top_k": 27}),
-            "'estimators.vopd_topk.top_k' = 27: expected an integer in [1, 26]",
+            lambda c: c["estimators"].update(vopd_topk={"top_k": 31}),
+            "'estimators.vopd_topk.top_k' = 31: expected an integer in [1, 30]",
         ),
         (
             lambda c: (
-                c["train"].update(overrides={"top_k": 30}),
+                c["train"].update(overrides={"top_k": 31}),
                 c["estimators"].update(vopd_topk={}),
             ),
-            "'train.overrides.top_k' = 30",  # the resolved config's top_k, from train.overrides
+            "'train.overrides.top_k' = 31",  # the resolved config's top_k, from train.overrides
         ),
         (
             lambda c: c["estimators"].update(x={"estimator": "vopd", "overrides": {"nope": 1}}),

@@ -350,3 +350,44 @@ def test_grade_reads_mcq_in_workers_and_counts_no_answer_as_wrong():
     assert list(grades["extracted"]) == ["B", None, "C", "A"]
     assert list(grades["correct"]) == [True, False, True, False]
     assert not grades["flagged"].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy multiple-choice benchmark goes through the MCQ path, as GPQA-Diamond
+
+
+def test_toy_mcq_is_graded_by_the_mcq_grader(tmp_path):
+    import pandas as pd
+
+    from vopd.data import TOY_BENCHMARKS, load_benchmark
+    from vopd.eval.grade import grade, summarize
+    from vopd.toy.world import MCQ_LETTERS, WorldSpec, completion_for, write_world
+
+    write_world(tmp_path / "toy", WorldSpec(n_train=20, n_val=4, n_test=8, n_hard=4, n_mcq=12))
+    assert TOY_BENCHMARKS["toy_mcq"] == "mcq"
+    bench = load_benchmark("toy_mcq", root=tmp_path)  # the resources layout: ROOT/toy/benchmarks
+    assert (bench.kind == "mcq").all() and len(bench) == 12
+    rows = []
+    for pid, prompt, gold in zip(bench.id, bench.prompt, bench.answer, strict=True):
+        right = completion_for(prompt)[0]  # 12+35=47;47+40=87D;\boxed{D}
+        other = MCQ_LETTERS[MCQ_LETTERS.index(gold) - 1]
+        wrong = right.replace(f"\\boxed{{{gold}}}", f"\\boxed{{{other}}}")
+        unfinished = right[: right.index("\\boxed")]  # no boxed answer: the letter stays unread
+        for j, text in enumerate([right, wrong, unfinished]):
+            rows.append(
+                {
+                    "problem_id": pid,
+                    "sample_idx": j,
+                    "text": text,
+                    "num_tokens": 1,
+                    "truncated": False,
+                }
+            )
+    grades = grade(pd.DataFrame(rows), bench, workers=1)
+    by_sample = grades.groupby("sample_idx")
+    assert by_sample["correct"].all().tolist() == [True, False, False]
+    assert not grades[grades.sample_idx == 1].correct.any()
+    right_rows = grades[grades.sample_idx == 0]
+    assert right_rows.extracted.tolist() == bench.answer.tolist()
+    summary = summarize(grades)
+    assert summary["avg@3"] == pytest.approx(1 / 3) and summary["pass@3"] == 1.0

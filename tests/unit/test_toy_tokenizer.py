@@ -7,7 +7,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vopd.toy.tokenizer import ALPHABET, build_tokenizer
 
-TEXTS = ["12+35+40=", "12+35=47;47+40=87;\\boxed{87}", "58*2=116;37-116=-79;\\boxed{-79}", "0"]
+TEXTS = [
+    "12+35+40=",
+    "12+35=47;47+40=87;\\boxed{87}",
+    "58*2=116;37-116=-79;\\boxed{-79}",
+    "0",
+    "12+35+40=84A;85B;86C;87D;",  # the multiple-choice form
+    "12+35=47;47+40=87D;\\boxed{D}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +26,7 @@ def saved(tmp_path_factory):
 
 def test_is_a_fast_tokenizer_with_special_tokens(toy_tokenizer):
     assert isinstance(toy_tokenizer, PreTrainedTokenizerFast)
-    assert len(toy_tokenizer) == 27 == 4 + len(ALPHABET)
+    assert len(toy_tokenizer) == 31 == 4 + len(ALPHABET)
     ids = {toy_tokenizer.pad_token_id, toy_tokenizer.bos_token_id, toy_tokenizer.eos_token_id}
     assert len(ids) == 3 and toy_tokenizer.unk_token_id not in ids
 

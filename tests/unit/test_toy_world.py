@@ -14,12 +14,17 @@ import pytest
 
 from vopd.toy.__main__ import main as toy_main
 from vopd.toy.world import (
+    MCQ_LETTERS,
     ProblemSpec,
     WorldSpec,
     build_splits,
     check_disjoint,
+    completion_for,
     extract_boxed,
     is_correct,
+    mcq_options,
+    mcq_prompt,
+    parse_mcq,
     sample_problem,
     solve,
     write_world,
@@ -116,11 +121,13 @@ def world(tmp_path_factory):
 
 
 def test_written_splits_are_pairwise_disjoint(world):
+    mcq = pd.read_parquet(world / "benchmarks/toy_mcq.parquet").prompt
     splits = {
         "train": pd.read_parquet(world / "prompts/train.parquet").problem,
         "val": pd.read_parquet(world / "prompts/val.parquet").problem,
         "toy_test": pd.read_parquet(world / "benchmarks/toy_test.parquet").problem,
         "toy_hard": pd.read_parquet(world / "benchmarks/toy_hard.parquet").problem,
+        "toy_mcq": pd.Series([parse_mcq(p)[0] for p in mcq]),  # the question, not its options
     }
     names = list(splits)
     for name, problems in splits.items():
@@ -179,3 +186,68 @@ def test_too_small_a_space_is_an_error(tmp_path):
     spec = WorldSpec(n_train=200, n_val=1, n_test=1, n_hard=1, train=ProblemSpec(2, 1, "+"))
     with pytest.raises(ValueError, match="distinct problems"):
         write_world(tmp_path, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The multiple-choice form.
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "letter"),
+    [
+        ("12+35+40=84A;85B;86C;87D;", "12+35=47;47+40=87D;\\boxed{D}", "D"),  # docstring's
+        ("50+89+51=190A;191B;192C;193D;", "50+89=139;139+51=190A;\\boxed{A}", "A"),
+        ("1+2=0A;1B;2C;3D;", "1+2=3D;\\boxed{D}", "D"),
+        ("1+1=0A;1B;2C;3D;", "1+1=2C;\\boxed{C}", "C"),
+        ("3-9=-8A;-7B;-6C;-5D;", "3-9=-6C;\\boxed{C}", "C"),  # |-6| ends in 6: position 2
+    ],
+)
+def test_mcq_hand_examples(prompt, completion, letter):
+    assert completion_for(prompt) == (completion, letter)
+    question, options = parse_mcq(prompt)
+    assert mcq_options(int(solve(question)[1])) == (options, letter)
+
+
+def test_mcq_options_hold_the_result_once_at_its_last_digit_mod_4():
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        problem = sample_problem(rng, ProblemSpec(n_terms=int(rng.integers(2, 5)), ops="+-*"))
+        answer = int(solve(problem)[1])
+        options, letter = mcq_options(answer)
+        values = [int(o) for o in options]
+        assert values == list(range(values[0], values[0] + 4))  # consecutive, ascending
+        assert values.count(answer) == 1 and options[MCQ_LETTERS.index(letter)] == str(answer)
+        assert MCQ_LETTERS.index(letter) == abs(answer) % 10 % 4
+        assert answer < 0 or values[0] >= 0  # no negative option for a non-negative result
+        prompt = mcq_prompt(problem, options)
+        assert parse_mcq(prompt) == (problem, options)
+        text, gold = completion_for(prompt)
+        assert gold == letter and is_correct(text, letter)
+        assert text.startswith(solve(problem)[0].rsplit(";", 1)[0] + letter)  # steps, then letter
+
+
+def test_a_plain_problem_is_no_mcq_and_bad_mcq_prompts_fail():
+    assert parse_mcq("12+35+40=") is None
+    assert completion_for("12+35+40=") == solve("12+35+40=")
+    with pytest.raises(ValueError, match="lettered ABCD"):
+        parse_mcq("1+2=3A;4C;5B;6D;")
+    with pytest.raises(ValueError, match="not exactly one option"):
+        completion_for("1+2=4A;5B;6C;7D;")
+    with pytest.raises(ValueError, match="expected 4"):
+        mcq_prompt("1+2=", ["3"])
+
+
+def test_toy_mcq_benchmark_is_multiple_choice(world):
+    table = pq.read_table(world / "benchmarks/toy_mcq.parquet")
+    assert table.schema == pq.read_table(world / "benchmarks/toy_test.parquet").schema
+    df = table.to_pandas()
+    assert len(df) == 500 and df.id.is_unique and (df.kind == "mcq").all()
+    assert (df.prompt == df.problem).all() and set(df.answer) <= set(MCQ_LETTERS)
+    for prompt, answer, choices in zip(df.prompt, df.answer, df.choices, strict=True):
+        question, options = parse_mcq(prompt)
+        assert list(choices) == options
+        assert options[MCQ_LETTERS.index(answer)] == str(eval(question[:-1]))  # Python's sum
+    # every letter is gold somewhere (last digits 0-9 map to A B C D A B C D A B)
+    assert df.answer.value_counts().min() > 0.1 * len(df)
+    world_json = json.loads((world / "world.json").read_text())
+    assert world_json["sizes"]["toy_mcq"] == 500 and world_json["vocab_size"] == 31

@@ -68,7 +68,7 @@ class TrainConfig:
     loss_from_hidden: bool = False
     """Compute the loss from both models' last hidden states and head weights, chunk by chunk
     (vopd.estimators.hidden.hidden_loss): same loss and gradients, no [B, T, V] logits (on in
-    small/paper; the toy keeps logits, faster at V = 27). Needs bias-free, unscaled heads
+    small/paper; the toy keeps logits, faster at V = 31). Needs bias-free, unscaled heads
     (Qwen3, Llama)."""
 
     # --- rollouts -----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ __all__ = ["MATH_PROMPT", "MCQ_INSTRUCTION", "REGISTRY", "load_benchmark", "norm
 
 COLUMNS = results.BENCHMARK_COLUMNS  # the benchmark Parquet schema (vopd.results)
 RESOURCES = Path("resources")
-TOY_BENCHMARKS = ("toy_test", "toy_hard")  # written by `python -m vopd.toy world`
+# written by `python -m vopd.toy world`: name -> kind (toy_mcq is graded like gpqa_diamond)
+TOY_BENCHMARKS = {"toy_test": "math", "toy_hard": "math", "toy_mcq": "mcq"}
 
 # ---------------------------------------------------------------------------------------------
 # Registry

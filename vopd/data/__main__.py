@@ -51,8 +51,9 @@ def main(argv=None) -> None:
             print(
                 f"{s.name:14s} {s.kind:5s} {s.hub_id} [{s.split}]" + (" (gated)" if s.gated else "")
             )
-        for t in TOY_BENCHMARKS:
-            print(f"{t:14s} math  resources/toy/benchmarks/{t}.parquet (python -m vopd.toy world)")
+        for t, kind in TOY_BENCHMARKS.items():
+            where = f"resources/toy/benchmarks/{t}.parquet"
+            print(f"{t:14s} {kind:5s} {where} (python -m vopd.toy world)")
         return
     try:
         rows = prepare(

@@ -52,10 +52,10 @@ from pathlib import Path
 
 import yaml
 
-from vopd import catalog, results
+from vopd import catalog, data, results
 from vopd.config import TrainConfig, parse_overrides
 
-TOY_BENCHMARKS = ("toy_test", "toy_hard")  # what `python -m vopd.toy world` writes
+TOY_BENCHMARKS = tuple(data.TOY_BENCHMARKS)  # what `python -m vopd.toy world` writes
 ABLATION_INFIX = "_ablation_"
 # The trainer keys the workflow sets itself (python -m vopd.train key=value), by the name of the
 # config value they come from: they cannot be overridden.

@@ -27,6 +27,7 @@ def _world(args) -> dict:
         n_val=args.n_val,
         n_test=args.n_test,
         n_hard=args.n_hard,
+        n_mcq=args.n_mcq,
         train=ProblemSpec(n_terms=args.terms, digits=args.digits, ops=args.ops),
         hard=ProblemSpec(n_terms=args.hard_terms, digits=args.digits, ops=args.ops),
         sft_terms=tuple(args.sft_terms),
@@ -36,6 +37,8 @@ def _world(args) -> dict:
         print(f"{name:>10}  {n:6d} problems")
     ex = world["example"]
     print(f"   example  {ex['prompt']} -> {ex['completion']}")
+    ex = world["example_mcq"]
+    print(f"       mcq  {ex['prompt']} -> {ex['completion']}")
     return {"out": str(args.out), **world["sizes"], "vocab_size": world["vocab_size"]}
 
 
@@ -49,13 +52,15 @@ SFT_KEYS = (
     "eval_size",
     "student_em",
     "teacher_em",
+    "mcq_share",
 )
 
 
 def _sft(args) -> dict:
     from vopd.toy.sft import run_sft
 
-    sft = {k: getattr(args, k) for k in SFT_KEYS}
+    # flags not given take run_sft's defaults (vopd.toy.sft.SFT_DEFAULTS, their one home)
+    sft = {k: getattr(args, k) for k in SFT_KEYS if getattr(args, k) is not None}
     if args.cmd == "models":
         from vopd.toy.ship import models
 
@@ -63,11 +68,11 @@ def _sft(args) -> dict:
     else:
         summary = run_sft(args.world, args.out, **sft)
     acc = summary["greedy_accuracy"]
-    print(f"{'model':>8}  {'step':>5}  {'toy_test':>8}  {'toy_hard':>8}")
+    print(f"{'model':>8}  {'step':>5}  {'toy_test':>8}  {'toy_hard':>8}  {'toy_mcq':>8}")
     for role in ("teacher", "student"):
         print(
             f"{role:>8}  {summary[role]['step']:5d}  {acc[f'{role}/toy_test']:8.3f}  "
-            f"{acc[f'{role}/toy_hard']:8.3f}"
+            f"{acc[f'{role}/toy_hard']:8.3f}  {acc[f'{role}/toy_mcq']:8.3f}"
         )
     times = summary["time_s"]
     if "source" in summary:  # installed, not trained: the times are the shipped SFT's
@@ -99,6 +104,7 @@ def main(argv=None) -> None:
     w.add_argument("--n-val", type=int, default=512, help="SFT checkpoint-selection problems")
     w.add_argument("--n-test", type=int, default=1000, help="toy_test problems (in distribution)")
     w.add_argument("--n-hard", type=int, default=500, help="toy_hard problems (longer chains)")
+    w.add_argument("--n-mcq", type=int, default=500, help="toy_mcq problems (multiple choice)")
     w.add_argument("--terms", type=int, default=3, help="terms per train/test problem")
     w.add_argument("--hard-terms", type=int, default=4, help="terms per toy_hard problem")
     w.add_argument("--digits", type=int, default=2, help="digits per term")
@@ -112,18 +118,20 @@ def main(argv=None) -> None:
         s = sub.add_parser(cmd, help=what)
         s.add_argument("--world", required=True, help="world directory written by `world`")
         s.add_argument("--out", required=True, help="output directory for teacher/ and student/")
-        s.add_argument("--steps", type=int, default=1500, help="max optimizer steps")
-        s.add_argument("--batch-size", type=int, default=128, help="examples per step")
-        s.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-        s.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-        s.add_argument("--seed", type=int, default=0, help="init and data seed")
-        s.add_argument("--eval-every", type=int, default=10, help="steps between val evaluations")
-        s.add_argument("--eval-size", type=int, default=256, help="val problems per evaluation")
+        # defaults: run_sft's (None here, so a flag not given is not passed)
+        s.add_argument("--steps", type=int, help="max optimizer steps (1500)")
+        s.add_argument("--batch-size", type=int, help="examples per step (128)")
+        s.add_argument("--lr", type=float, help="AdamW peak learning rate (3e-3)")
+        s.add_argument("--warmup", type=int, help="linear warm-up steps (50)")
+        s.add_argument("--seed", type=int, help="init and data seed (0)")
+        s.add_argument("--eval-every", type=int, help="steps between val evaluations (10)")
+        s.add_argument("--eval-size", type=int, help="val problems per evaluation (256)")
         # --student-acc / --teacher-acc: the flags' first names, still accepted
         s.add_argument("--student-em", "--student-acc", dest="student_em", type=float,
-                       default=0.55, help="target val exact match of the student")  # fmt: skip
+                       help="target val exact match of the student (0.55)")  # fmt: skip
         s.add_argument("--teacher-em", "--teacher-acc", dest="teacher_em", type=float,
-                       default=0.97, help="early-stop val exact match")  # fmt: skip
+                       help="early-stop val exact match (0.97)")  # fmt: skip
+        s.add_argument("--mcq-share", type=float, help="share of multiple-choice examples (0.5)")
     s.add_argument("--rebuild", action="store_true", help="SFT here even if shipped models fit")
 
     p = sub.add_parser("ship", help="make an SFT's models the shipped ones (vopd/toy/shipped)")

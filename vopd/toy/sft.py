@@ -5,17 +5,23 @@
 The model is a real ``transformers`` ``LlamaForCausalLM`` built from a config (hidden 128, 3
 layers, 4 heads, MLP 256, tied embeddings: ~0.5M parameters). SFT is next-token cross-entropy on
 the completion only (worked solution + EOS), AdamW, linear warm-up then cosine decay to 10%, on
-examples drawn fresh from the world's SFT mixture with every val/test/hard problem rejected.
+examples drawn fresh from the world's SFT mixture with every val/test/hard/mcq problem rejected;
+a share ``--mcq-share`` (default half) of them in the multiple-choice form of
+:mod:`vopd.toy.world`, from the first step on. (Taught afterwards instead, by a fine-tune of the
+arithmetic-only models on half multiple-choice examples, the letter was right 0.31 of the time
+after 100 steps, hardly above always answering A (0.30), while the fine-tune's arithmetic
+lifted the student from 0.55 to 0.78 greedy on toy_test: it would no longer be the weaker model.)
 
 Student and teacher come from the same run, like a base model and its post-trained sibling. Every
 ``--eval-every`` steps the val split is scored by teacher-forced exact match (greedy decoding
 reproduces the worked solution token for token: one forward pass instead of a decode loop, and a
 lower bound on greedy accuracy). The **student** is the evaluation closest to ``--student-em``
 (the first one at or above it, or the one just before); the **teacher** is the end of training
-(early stop at ``--teacher-em``). Both are saved with ``save_pretrained`` (+ tokenizer) and from
-then on load like hub models (:mod:`vopd.models`). ``sft_summary.json`` holds their greedy
-accuracy (transformers ``generate``) on toy_test and toy_hard, and the timings. Checkpoints are
-selected on val, never on the benchmarks.
+(early stop at ``--teacher-em``). Selection uses the plain val problems; the same problems in the
+multiple-choice form are scored once for both models (``val_em_mcq``). Both are saved with
+``save_pretrained`` (+ tokenizer) and from then on load like hub models (:mod:`vopd.models`).
+``sft_summary.json`` holds their greedy accuracy (transformers ``generate``) on toy_test, toy_hard
+and toy_mcq, and the timings. Checkpoints are selected on val, never on the benchmarks.
 """
 
 from __future__ import annotations
@@ -36,14 +42,24 @@ from vopd.checkpoint import atomic_dir
 from vopd.io import write_json
 from vopd.rollout import SamplingParams
 from vopd.rollout.hf import HFBackend
-from vopd.toy.world import is_correct, load_world_spec, sample_problem, solve
+from vopd.toy.world import (
+    completion_for,
+    is_correct,
+    load_world_spec,
+    mcq_options,
+    mcq_prompt,
+    parse_mcq,
+    sample_problem,
+    solve,
+    to_mcq,
+)
 
 hf_logging.disable_progress_bar()  # our own bar only: no per-checkpoint "Writing model shards"
 
 # Bump when the training algorithm changes in a way the settings do not show: the shipped models
-# (vopd/toy/shipped, vopd.toy.ship) are reused only for the same version, world, settings and build.
-SFT_VERSION = 1
-BENCHMARKS = ("toy_test", "toy_hard")  # the final greedy evaluation
+# (vopd/toy/shipped, vopd.toy.ship) are reused only for the same version, world and settings.
+SFT_VERSION = 2  # 2: the multiple-choice share of the examples, the 31-token vocabulary
+BENCHMARKS = ("toy_test", "toy_hard", "toy_mcq")  # the final greedy evaluation
 
 # ---------------------------------------------------------------------------------------------
 # Model and evaluation.
@@ -80,10 +96,13 @@ def greedy_accuracy(
 
 
 def encode_examples(tokenizer, problems: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[BOS] problem solution EOS`` ids [B, L] and labels [B, L] that hold the
-    completion tokens (solution + EOS) at their own positions and -100 elsewhere."""
+    """Right-padded ``[BOS] prompt completion EOS`` ids [B, L] and labels [B, L] that hold the
+    completion tokens (worked solution + EOS) at their own positions and -100 elsewhere; a prompt
+    is a plain problem or one in the multiple-choice form (:func:`completion_for`)."""
     prompts = tokenizer(problems)["input_ids"]
-    solutions = tokenizer([solve(p)[0] for p in problems], add_special_tokens=False)["input_ids"]
+    solutions = tokenizer([completion_for(p)[0] for p in problems], add_special_tokens=False)[
+        "input_ids"
+    ]
     L = max(len(a) + len(b) + 1 for a, b in zip(prompts, solutions, strict=True))
     input_BL = torch.full((len(problems), L), tokenizer.pad_token_id, dtype=torch.long)
     labels_BL = torch.full((len(problems), L), -100, dtype=torch.long)  # -100: ignored
@@ -107,22 +126,28 @@ def exact_match_rate(model, tokenizer, problems: list[str]) -> float:
 
 
 class SFTStream:
-    """Fresh SFT examples from the world's SFT mixture, held-out problems rejected."""
+    """Fresh SFT examples from the world's SFT mixture, held-out problems rejected; a share
+    ``mcq_share`` of them in the multiple-choice form."""
 
-    def __init__(self, world_dir: Path, tokenizer, seed: int, exclude: set[str]):
+    def __init__(self, world_dir: Path, tokenizer, seed, exclude: set[str], mcq_share: float = 0.0):
         self.specs = load_world_spec(world_dir).sft_specs()
-        self.rng = np.random.default_rng([seed, 1])
+        self.rng = np.random.default_rng(seed)
         self.exclude = exclude
         self.tok = tokenizer
+        self.mcq_share = mcq_share
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each example from a uniformly drawn mixture component. (One component per batch would
-        save the padding compute, but measured it learns several times slower per step.)"""
+        save the padding compute, but measured it learns several times slower per step.) With
+        ``mcq_share`` 0 no other random number is drawn: the arithmetic stream is unchanged."""
         problems = []
         while len(problems) < size:
             p = sample_problem(self.rng, self.specs[self.rng.integers(len(self.specs))])
-            if p not in self.exclude:
-                problems.append(p)
+            if p in self.exclude:
+                continue
+            if self.mcq_share and self.rng.random() < self.mcq_share:
+                p = mcq_prompt(p, mcq_options(int(solve(p)[1]))[0])
+            problems.append(p)
         return encode_examples(self.tok, problems)
 
 
@@ -148,6 +173,32 @@ def sft_settings(*, threads: int, progress: bool = True, **given) -> dict:
     return {**SFT_DEFAULTS, **given, "threads": threads}
 
 
+def warmup_cosine(warmup: int, steps: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, cosine decay to 10 % at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def _train_step(model, optimizer, scheduler, batch) -> float:
+    """One next-token cross-entropy step on the completion tokens (gradient norm clipped at 1)."""
+    input_BL, labels_BL = batch
+    logits_BLV = model(input_ids=input_BL).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(
+        logits_BLV.reshape(-1, logits_BLV.shape[-1]), labels_BL[:, 1:].reshape(-1)
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def _save(model, tokenizer, path: Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
@@ -167,6 +218,7 @@ def run_sft(
     eval_size: int = 256,
     student_em: float = 0.55,
     teacher_em: float = 0.97,
+    mcq_share: float = 0.5,
     progress: bool = True,
 ) -> dict:
     """Train, save ``student/`` and ``teacher/`` under ``out_dir``, return the summary."""
@@ -178,6 +230,8 @@ def run_sft(
             f"steps={steps}, batch_size={batch_size}, eval_every={eval_every}, lr={lr}: "
             "expected positive values"
         )
+    if not 0.0 <= mcq_share < 1.0:
+        raise ValueError(f"mcq_share={mcq_share}: expected a share in [0, 1)")
     if not 0.0 < student_em < teacher_em <= 1.0:
         raise ValueError(
             f"student_em={student_em}, teacher_em={teacher_em}: expected "
@@ -185,58 +239,44 @@ def run_sft(
         )
     load_world_spec(world_dir)  # a missing or foreign world directory fails here, clearly
     tokenizer = load_tokenizer(str(world_dir / "tokenizer"))
-    val, test, hard = (
+    val, test, hard, mcq = (
         _split(world_dir, r)
         for r in (
             "prompts/val.parquet",
             "benchmarks/toy_test.parquet",
             "benchmarks/toy_hard.parquet",
+            "benchmarks/toy_mcq.parquet",
         )
     )
-    exclude = set(val.problem) | set(test.problem) | set(hard.problem)
-    stream = SFTStream(world_dir, tokenizer, seed, exclude)
+    mcq_questions = {parse_mcq(p)[0] for p in mcq.prompt}
+    exclude = set(val.problem) | set(test.problem) | set(hard.problem) | mcq_questions
+    stream = SFTStream(world_dir, tokenizer, [seed, 1], exclude, mcq_share)
     val_problems = list(val.problem[:eval_size])
+    val_mcq = [p for p, _ in to_mcq(val_problems)]  # the same problems, multiple choice
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(toy_model_config(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10 % at ``steps``
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    history, student_step, previous = [], None, None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
+    history, student_step, student_state, previous = [], None, None, None
     t0, eval_s = time.perf_counter(), 0.0
     bar = tqdm(range(1, steps + 1), desc="sft", disable=not progress, mininterval=2)
     for step in bar:
-        input_BL, labels_BL = stream.batch(batch_size)
-        logits_BLV = model(input_ids=input_BL).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits_BLV.reshape(-1, logits_BLV.shape[-1]), labels_BL[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss = _train_step(model, optimizer, scheduler, stream.batch(batch_size))
         if step % eval_every and step != steps:
             continue
         te = time.perf_counter()
         acc = exact_match_rate(model, tokenizer, val_problems)
         eval_s += time.perf_counter() - te
-        history.append({"step": step, "loss": float(loss.detach()), "val_em": acc})
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_em=f"{acc:.3f}")
+        history.append({"step": step, "loss": loss, "val_em": acc})
+        bar.set_postfix(loss=f"{loss:.3f}", val_em=f"{acc:.3f}")
         if student_step is None and acc >= student_em:
             # the student: this evaluation or the previous one, whichever is closer to the target
             if previous and student_em - previous[1] < acc - student_em:
-                student_step, _, state = previous
+                student_step, _, student_state = previous
             else:
-                student_step, state = step, model.state_dict()
-            snapshot = LlamaForCausalLM(model.config)
-            snapshot.load_state_dict(state)
-            _save(snapshot, tokenizer, out_dir / "student")
+                student_step = step
+                student_state = {k: v.clone() for k, v in model.state_dict().items()}
         elif student_step is None:
             previous = (step, acc, {k: v.clone() for k, v in model.state_dict().items()})
         if acc >= teacher_em and student_step is not None:
@@ -246,8 +286,18 @@ def run_sft(
             f"val exact match never reached student_em={student_em} in {steps} steps "
             f"(history {history}): train longer or lower --student-em"
         )
-    train_s = time.perf_counter() - t0
+    teacher_step = history[-1]["step"]
     _save(model, tokenizer, out_dir / "teacher")
+    student = LlamaForCausalLM(model.config)
+    student.load_state_dict(student_state)
+    _save(student, tokenizer, out_dir / "student")
+    te = time.perf_counter()
+    val_em_mcq = {
+        "teacher": exact_match_rate(model, tokenizer, val_mcq),
+        "student": exact_match_rate(student, tokenizer, val_mcq),
+    }
+    eval_s += time.perf_counter() - te
+    train_s = time.perf_counter() - t0
 
     from vopd.models import load_model
 
@@ -255,16 +305,21 @@ def run_sft(
     accuracy = {}
     for role in ("teacher", "student"):
         m = load_model(str(out_dir / role))  # exactly as the trainer will load it
-        for name, df in (("toy_test", test), ("toy_hard", hard)):
+        for name, df in (("toy_test", test), ("toy_hard", hard), ("toy_mcq", mcq)):
             accuracy[f"{role}/{name}"] = greedy_accuracy(
                 m, tokenizer, list(df.prompt), list(df.answer)
             )
     summary = {
         "greedy_accuracy": accuracy,
-        "teacher": {"step": history[-1]["step"], "val_em": history[-1]["val_em"]},
+        "teacher": {
+            "step": teacher_step,
+            "val_em": history[-1]["val_em"],
+            "val_em_mcq": val_em_mcq["teacher"],
+        },
         "student": {
             "step": student_step,
             "val_em": next(h["val_em"] for h in history if h["step"] == student_step),
+            "val_em_mcq": val_em_mcq["student"],
         },
         "params": sum(p.numel() for p in model.parameters()),
         "time_s": {
@@ -283,6 +338,7 @@ def run_sft(
             eval_size=eval_size,
             student_em=student_em,
             teacher_em=teacher_em,
+            mcq_share=mcq_share,
             threads=torch.get_num_threads(),
         ),
         "history": history,

@@ -61,6 +61,7 @@ WORLD_TABLES = (
     "prompts/val.parquet",
     "benchmarks/toy_test.parquet",
     "benchmarks/toy_hard.parquet",
+    "benchmarks/toy_mcq.parquet",
 )
 CHECK_PROBLEMS = 64  # per benchmark and model: 6 greedy batches, a few seconds on one core
 CHECK_TOLERANCE = 0.05  # 3 of 64 answers

@@ -1,7 +1,8 @@
 """The toy world's character-level tokenizer: a real ``transformers`` fast tokenizer built in code.
 
-One token per character of the arithmetic alphabet (digits, ``+ - * = ;`` and the letters of
-``\\boxed{}``) plus ``<pad>``, ``<bos>``, ``<eos>`` and ``<unk>``: 27 tokens. Encoding prepends
+One token per character of the toy alphabet (digits, ``+ - * = ;``, the letters of ``\\boxed{}``
+and the option letters ``A B C D`` of the multiple-choice form) plus ``<pad>``, ``<bos>``,
+``<eos>`` and ``<unk>``: 31 tokens. Encoding prepends
 ``<bos>`` (as Llama tokenizers do); decoding joins characters with no separator. Saved with
 ``save_pretrained`` and loaded back with ``AutoTokenizer.from_pretrained`` like any hub tokenizer.
 """
@@ -13,12 +14,13 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-ALPHABET = "0123456789+-*=;\\boxed{}"  # every character a problem or a worked solution uses
+# every character a problem, its options or a worked solution uses
+ALPHABET = "0123456789+-*=;\\boxed{}ABCD"
 MODEL_MAX_LENGTH = 128  # the toy model's max_position_embeddings
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The 27-token character tokenizer (ids: specials 0-3, then ``ALPHABET`` in order)."""
+    """The 31-token character tokenizer (ids: specials 0-3, then ``ALPHABET`` in order)."""
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *ALPHABET])}
     if len(vocab) != len(SPECIALS) + len(ALPHABET):
         raise AssertionError("ALPHABET has a repeated character")

@@ -6,19 +6,37 @@ answer in ``\\boxed{}``; the model's completion is the solution followed by EOS:
 
     12+35+40=   ->   12+35=47;47+40=87;\\boxed{87}<eos>
 
+The multiple-choice form (benchmark ``toy_mcq``, graded by the same MCQ grader as GPQA-Diamond)
+appends four lettered options for the result: four consecutive integers in ascending order (as
+numeric options are listed), the result at position (its last digit) mod 4. The worked solution
+names the letter after the result and boxes it:
+
+    12+35+40=84A;85B;86C;87D;   ->   12+35=47;47+40=87D;\\boxed{D}<eos>
+
+The distractors are the result off by 1 to 3, so the letter is right exactly when the result
+is: toy_mcq measures the arithmetic through a multiple-choice answer, its format and its grader.
+It does not measure comparing a result with options. Where the result sits is a function of its
+last digit, which these 0.5M-parameter models learn alongside the arithmetic when the SFT mixes
+the form in from its first step (the shipped teacher: val exact match 0.97 multiple choice, 0.98
+open). An in-context look-up (the result at a random position, its letter read from the options)
+was not learned: on an SFT teacher at 0.98 on toy_test the letter stayed at chance (0.25) over 500
+fine-tune steps, and two earlier random-order forms stayed at chance after 1500 SFT steps.
+
 Difficulty knobs (``ProblemSpec``): number of terms, digits per term, operators. Splits written
 by ``write_world`` (``python -m vopd.toy world --out resources/toy``):
 
     prompts/train.parquet        OPD training prompts             (train spec, 3 terms)
     prompts/val.parquet          SFT checkpoint selection only    (train spec)
-    (SFT examples: drawn fresh from ``sft_terms``, default 2, 3 and 4 terms)
+    (SFT examples: drawn fresh from ``sft_terms``, default 2, 3 and 4 terms, a share of them in
+    the multiple-choice form: vopd.toy.sft)
     benchmarks/toy_test.parquet  held-out, in distribution        (train spec)
     benchmarks/toy_hard.parquet  held-out, longer chains          (hard spec, 4 terms)
+    benchmarks/toy_mcq.parquet   held-out, multiple choice        (train spec, 4 options)
     tokenizer/                   save_pretrained character tokenizer
     world.json                   generator settings, seeds, split sizes, SFT mixture
 
 No problem text occurs in two splits (checked before anything is written); SFT examples are drawn
-fresh from the generator with every val/test/hard problem rejected.
+fresh from the generator with every val/test/hard/mcq problem rejected.
 """
 
 from __future__ import annotations
@@ -117,6 +135,65 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# The multiple-choice form.
+
+MCQ_LETTERS = "ABCD"
+_MCQ = re.compile(r"^([^A-Z]+=)((?:-?\d+[A-Z];)+)$")
+
+
+def mcq_options(answer: int) -> tuple[list[str], str]:
+    """(options, gold letter): four consecutive integers in ascending order, the result at
+    position (last digit of the result) mod 4, so a model that has the result can name its
+    letter without comparing numbers (see the module docstring). For a non-negative result the
+    first option is never below 0."""
+    k = abs(answer) % 10 % len(MCQ_LETTERS)
+    return [str(answer - k + i) for i in range(len(MCQ_LETTERS))], MCQ_LETTERS[k]
+
+
+def mcq_prompt(question: str, options: list[str]) -> str:
+    """``12+35+40=`` and its options -> ``12+35+40=85A;86B;87C;88D;`` (the model's input)."""
+    if len(options) != len(MCQ_LETTERS):
+        raise ValueError(f"options {options}: expected {len(MCQ_LETTERS)}")
+    return question + "".join(f"{o}{c};" for c, o in zip(MCQ_LETTERS, options, strict=True))
+
+
+def parse_mcq(prompt: str) -> tuple[str, list[str]] | None:
+    """(question, options) of a multiple-choice prompt; None for a plain problem."""
+    m = _MCQ.match(prompt)
+    if m is None:
+        return None
+    options = m.group(2)[:-1].split(";")
+    if [o[-1] for o in options] != list(MCQ_LETTERS):
+        raise ValueError(f"prompt {prompt!r}: expected the options lettered {MCQ_LETTERS}")
+    return m.group(1), [o[:-1] for o in options]
+
+
+def completion_for(prompt: str) -> tuple[str, str]:
+    """(worked completion, gold answer) of a plain or a multiple-choice prompt: the worked
+    solution boxing the result, or the worked solution with the letter of the option that
+    equals the result after it, boxing the letter."""
+    mcq = parse_mcq(prompt)
+    if mcq is None:
+        return solve(prompt)
+    question, options = mcq
+    solution, answer = solve(question)
+    if options.count(answer) != 1:
+        raise ValueError(f"prompt {prompt!r}: the result {answer} is not exactly one option")
+    letter = MCQ_LETTERS[options.index(answer)]
+    steps = solution[: solution.rindex(";\\boxed{")]  # ends with the result
+    return f"{steps}{letter};\\boxed{{{letter}}}", letter
+
+
+def to_mcq(problems: list[str]) -> list[tuple[str, list[str]]]:
+    """(prompt, options) of each problem in the multiple-choice form."""
+    out = []
+    for p in problems:
+        options, _ = mcq_options(int(solve(p)[1]))
+        out.append((mcq_prompt(p, options), options))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits.
 
 
@@ -159,9 +236,10 @@ class WorldSpec:
     train: ProblemSpec = ProblemSpec(n_terms=3)
     hard: ProblemSpec = ProblemSpec(n_terms=4)
     sft_terms: tuple[int, ...] = (2, 3, 4)  # SFT mixture (train digits/ops), uniform
+    n_mcq: int = 500  # toy_mcq: train-spec questions with four options (s.e. near 0.8: 1.8 points)
 
     def __post_init__(self):
-        for name in ("n_train", "n_val", "n_test", "n_hard"):
+        for name in ("n_train", "n_val", "n_test", "n_hard", "n_mcq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         for n in self.sft_terms:
@@ -179,6 +257,7 @@ def build_splits(spec: WorldSpec) -> dict[str, list[str]]:
         ("toy_hard", spec.hard, spec.n_hard),
         ("val", spec.train, spec.n_val),
         ("train", spec.train, spec.n_train),
+        ("toy_mcq", spec.train, spec.n_mcq),  # last: the other splits stay as they were
     ]
     for code, (name, pspec, n) in enumerate(plan):
         taken = set().union(*splits.values()) if splits else set()
@@ -232,12 +311,28 @@ def write_world(out: str | Path, spec: WorldSpec | None = None) -> dict:
             schema=BENCHMARK_SCHEMA,
         )
         _write_table(out / "benchmarks" / f"{name}.parquet", table)
+    mcq = to_mcq(splits["toy_mcq"])
+    prompts = [p for p, _ in mcq]
+    table = pa.table(
+        {
+            "id": [f"toy_mcq-{i:05d}" for i in range(len(mcq))],
+            "problem": prompts,  # the question with its lettered options, as GPQA's problem
+            "prompt": prompts,
+            "answer": [completion_for(p)[1] for p in prompts],  # the gold letter
+            "choices": [o for _, o in mcq],
+            "kind": ["mcq"] * len(mcq),
+            "source": ["vopd-toy/toy_mcq"] * len(mcq),
+        },
+        schema=BENCHMARK_SCHEMA,
+    )
+    _write_table(out / "benchmarks" / "toy_mcq.parquet", table)
     world = {
         "spec": asdict(spec),
         "sizes": {k: len(v) for k, v in splits.items()},
         "disjoint": True,  # check_disjoint passed
         "vocab_size": len(tokenizer),
         "example": {"prompt": splits["train"][0], "completion": solve(splits["train"][0])[0]},
+        "example_mcq": {"prompt": prompts[0], "completion": completion_for(prompts[0])[0]},
     }
     write_json(out / "world.json", world)
     return world
