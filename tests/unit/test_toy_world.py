@@ -184,7 +184,7 @@ def test_check_disjoint_catches_overlap_and_repeats():
 def test_too_small_a_space_is_an_error(tmp_path):
     # 1-digit 2-term '+' problems: only 100 distinct texts exist
     spec = WorldSpec(n_train=200, n_val=1, n_test=1, n_hard=1, train=ProblemSpec(2, 1, "+"))
-    with pytest.raises(ValueError, match="distinct problems"):
+    with pytest.raises(ValueError, match=r"split train \(n_train=200\): .*distinct problems"):
         write_world(tmp_path, spec)
 
 
@@ -251,3 +251,11 @@ def test_toy_mcq_benchmark_is_multiple_choice(world):
     assert df.answer.value_counts().min() > 0.1 * len(df)
     world_json = json.loads((world / "world.json").read_text())
     assert world_json["sizes"]["toy_mcq"] == 500 and world_json["vocab_size"] == 31
+
+
+def test_a_toy_mcq_split_too_large_for_the_space_names_n_mcq(tmp_path):
+    # 1-digit 3-term sums: 1000 texts; the other splits take 768 of them
+    spec = WorldSpec(n_train=512, n_val=64, n_test=128, n_hard=64, train=ProblemSpec(3, 1, "+"))
+    with pytest.raises(ValueError, match=r"split toy_mcq \(n_mcq=500\).*lower n_mcq"):
+        write_world(tmp_path, spec)
+    assert not (tmp_path / "world.json").exists()

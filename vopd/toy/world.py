@@ -252,16 +252,23 @@ class WorldSpec:
 def build_splits(spec: WorldSpec) -> dict[str, list[str]]:
     """Held-out splits first, then train/val excluding them; each split from its own stream."""
     splits: dict[str, list[str]] = {}
-    plan = [
-        ("toy_test", spec.train, spec.n_test),
-        ("toy_hard", spec.hard, spec.n_hard),
-        ("val", spec.train, spec.n_val),
-        ("train", spec.train, spec.n_train),
-        ("toy_mcq", spec.train, spec.n_mcq),  # last: the other splits stay as they were
+    plan = [  # (split, spec, size, the WorldSpec field of its size)
+        ("toy_test", spec.train, spec.n_test, "n_test"),
+        ("toy_hard", spec.hard, spec.n_hard, "n_hard"),
+        ("val", spec.train, spec.n_val, "n_val"),
+        ("train", spec.train, spec.n_train, "n_train"),
+        ("toy_mcq", spec.train, spec.n_mcq, "n_mcq"),  # last: the other splits stay as they were
     ]
-    for code, (name, pspec, n) in enumerate(plan):
+    for code, (name, pspec, n, field) in enumerate(plan):
         taken = set().union(*splits.values()) if splits else set()
-        splits[name] = unique_problems(np.random.default_rng([spec.seed, code]), pspec, n, taken)
+        rng = np.random.default_rng([spec.seed, code])
+        try:
+            splits[name] = unique_problems(rng, pspec, n, taken)
+        except ValueError as e:
+            raise ValueError(
+                f"split {name} ({field}={n}): {e} after the {len(taken)} problems of the splits "
+                f"drawn before it; lower {field} or widen the problem spec"
+            ) from None
     check_disjoint(splits)
     return splits
 
