@@ -46,12 +46,9 @@ from vopd.toy.world import (
     completion_for,
     is_correct,
     load_world_spec,
-    mcq_options,
-    mcq_prompt,
+    mcq_form,
     parse_mcq,
     sample_problem,
-    solve,
-    to_mcq,
 )
 
 hf_logging.disable_progress_bar()  # our own bar only: no per-checkpoint "Writing model shards"
@@ -129,9 +126,11 @@ class SFTStream:
     """Fresh SFT examples from the world's SFT mixture, held-out problems rejected; a share
     ``mcq_share`` of them in the multiple-choice form."""
 
-    def __init__(self, world_dir: Path, tokenizer, seed, exclude: set[str], mcq_share: float = 0.0):
+    def __init__(
+        self, world_dir: Path, tokenizer, seed: int, exclude: set[str], mcq_share: float = 0.0
+    ):
         self.specs = load_world_spec(world_dir).sft_specs()
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng([seed, 1])
         self.exclude = exclude
         self.tok = tokenizer
         self.mcq_share = mcq_share
@@ -146,7 +145,7 @@ class SFTStream:
             if p in self.exclude:
                 continue
             if self.mcq_share and self.rng.random() < self.mcq_share:
-                p = mcq_prompt(p, mcq_options(int(solve(p)[1]))[0])
+                p = mcq_form(p)
             problems.append(p)
         return encode_examples(self.tok, problems)
 
@@ -250,9 +249,9 @@ def run_sft(
     )
     mcq_questions = {parse_mcq(p)[0] for p in mcq.prompt}
     exclude = set(val.problem) | set(test.problem) | set(hard.problem) | mcq_questions
-    stream = SFTStream(world_dir, tokenizer, [seed, 1], exclude, mcq_share)
+    stream = SFTStream(world_dir, tokenizer, seed, exclude, mcq_share)
     val_problems = list(val.problem[:eval_size])
-    val_mcq = [p for p, _ in to_mcq(val_problems)]  # the same problems, multiple choice
+    val_mcq = [mcq_form(p) for p in val_problems]  # the same problems, multiple choice
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(toy_model_config(tokenizer))
@@ -305,7 +304,7 @@ def run_sft(
     accuracy = {}
     for role in ("teacher", "student"):
         m = load_model(str(out_dir / role))  # exactly as the trainer will load it
-        for name, df in (("toy_test", test), ("toy_hard", hard), ("toy_mcq", mcq)):
+        for name, df in zip(BENCHMARKS, (test, hard, mcq), strict=True):
             accuracy[f"{role}/{name}"] = greedy_accuracy(
                 m, tokenizer, list(df.prompt), list(df.answer)
             )

@@ -184,13 +184,9 @@ def completion_for(prompt: str) -> tuple[str, str]:
     return f"{steps}{letter};\\boxed{{{letter}}}", letter
 
 
-def to_mcq(problems: list[str]) -> list[tuple[str, list[str]]]:
-    """(prompt, options) of each problem in the multiple-choice form."""
-    out = []
-    for p in problems:
-        options, _ = mcq_options(int(solve(p)[1]))
-        out.append((mcq_prompt(p, options), options))
-    return out
+def mcq_form(problem: str) -> str:
+    """A problem in the multiple-choice form: ``12+35+40=`` -> ``12+35+40=84A;85B;86C;87D;``."""
+    return mcq_prompt(problem, mcq_options(int(solve(problem)[1]))[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,17 +314,16 @@ def write_world(out: str | Path, spec: WorldSpec | None = None) -> dict:
             schema=BENCHMARK_SCHEMA,
         )
         _write_table(out / "benchmarks" / f"{name}.parquet", table)
-    mcq = to_mcq(splits["toy_mcq"])
-    prompts = [p for p, _ in mcq]
+    prompts = [mcq_form(p) for p in splits["toy_mcq"]]
     table = pa.table(
         {
-            "id": [f"toy_mcq-{i:05d}" for i in range(len(mcq))],
+            "id": [f"toy_mcq-{i:05d}" for i in range(len(prompts))],
             "problem": prompts,  # the question with its lettered options, as GPQA's problem
             "prompt": prompts,
             "answer": [completion_for(p)[1] for p in prompts],  # the gold letter
-            "choices": [o for _, o in mcq],
-            "kind": ["mcq"] * len(mcq),
-            "source": ["vopd-toy/toy_mcq"] * len(mcq),
+            "choices": [parse_mcq(p)[1] for p in prompts],
+            "kind": ["mcq"] * len(prompts),
+            "source": ["vopd-toy/toy_mcq"] * len(prompts),
         },
         schema=BENCHMARK_SCHEMA,
     )
